@@ -1,0 +1,103 @@
+"""The numeric core every attention path shares: masked softmax attention, plain and blocked.
+
+Routing, local and full heads, and the dense references the tests use, all reduce to these two
+functions, so there is exactly one place where logits, masking and the softmax are computed.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+# A finite "minus infinity": exp() of it underflows to exactly 0, and a fully masked row stays
+# NaN-free in both the forward and the backward pass (no inf - inf anywhere).
+MASKED_LOGIT = -1e30
+# Logit given to a token's own key when self-attention is masked with shared QK. It is a large
+# negative value rather than a mask so that a query whose only candidate is itself still
+# attends to something (lucidrains' TOKEN_SELF_ATTN_VALUE).
+SELF_LOGIT = -5e4
+
+
+def masked_attention(
+    q: Float[Array, "*batch q dim"],
+    k: Float[Array, "*batch kv dim"],
+    v: Float[Array, "*batch kv vdim"],
+    mask: Bool[Array, "*#batch #q #kv"],
+    *,
+    scale: float,
+    is_self: Bool[Array, "*#batch #q #kv"] | None = None,
+) -> Float[Array, "*batch q vdim"]:
+    """Softmax attention restricted to `mask`, computed in float32.
+
+    A query row with no visible key returns zeros (not NaN). `is_self` marks the (query, key)
+    pairs whose logit is replaced by `SELF_LOGIT`.
+    """
+    f32 = jnp.float32
+    logits = jnp.einsum("...qd,...kd->...qk", q.astype(f32), k.astype(f32)) * scale
+    if is_self is not None:
+        logits = jnp.where(is_self, SELF_LOGIT, logits)
+    logits = jnp.where(mask, logits, MASKED_LOGIT)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("...qk,...kd->...qd", weights, v.astype(f32))
+    return out / jnp.where(denom > 0, denom, 1.0)
+
+
+MaskFn = Callable[[Int[Array, "..."], Int[Array, "..."]], Bool[Array, "..."]]
+
+
+def blocked_attention(
+    q: Float[Array, "seq dim"],
+    k: Float[Array, "seq dim"],
+    v: Float[Array, "seq vdim"],
+    *,
+    block: int,
+    look_back: int,
+    look_ahead: int,
+    visible: MaskFn,
+    scale: float,
+    is_self: MaskFn | None = None,
+) -> Float[Array, "seq vdim"]:
+    """Attention where query block b sees key blocks b - look_back .. b + look_ahead.
+
+    `visible(qi, ki)` receives broadcastable int arrays of query and key *indices into this
+    sequence* and returns which pairs may attend; out-of-range and padding indices are masked
+    here. The sequence is padded internally to a multiple of `block`. Cost is
+    O(seq * block * (look_back + 1 + look_ahead) * dim), never O(seq^2).
+    """
+    n = q.shape[0]
+    pad = (-n) % block
+    nb = (n + pad) // block
+    width = look_back + 1 + look_ahead
+
+    def blocks(x: Array, fill: int | float = 0) -> Array:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return x.reshape(nb, block, *x.shape[1:])
+
+    def windows(xb: Array, fill: int | float) -> Array:
+        # Key windows by static shifts of the block axis: no gather.
+        padded = jnp.pad(
+            xb,
+            [(look_back, look_ahead)] + [(0, 0)] * (xb.ndim - 1),
+            constant_values=fill,
+        )
+        return jnp.concatenate([padded[i : i + nb] for i in range(width)], axis=1)
+
+    q_idx = blocks(jnp.arange(n, dtype=jnp.int32), -1)  # [nb, block]; padding is -1
+    k_idx = windows(q_idx, -1)  # [nb, width * block]
+    qi, ki = q_idx[:, :, None], k_idx[:, None, :]
+    in_range = (qi >= 0) & (ki >= 0)
+    qc, kc = jnp.maximum(qi, 0), jnp.maximum(ki, 0)
+    mask = in_range & visible(qc, kc)
+    self_pairs = None if is_self is None else in_range & is_self(qc, kc)
+    out = masked_attention(
+        blocks(q),
+        windows(blocks(k), 0),
+        windows(blocks(v), 0),
+        mask,
+        scale=scale,
+        is_self=self_pairs,
+    )
+    return out.reshape(nb * block, -1)[:n]

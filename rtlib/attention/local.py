@@ -1,0 +1,81 @@
+"""Local (blocked) and full attention heads, in the `[batch, seq, heads, dim]` layout."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from rtlib.attention.core import blocked_attention, masked_attention
+
+
+def _valid(mask: Bool[Array, "batch seq"] | None, batch: int, n: int) -> Bool[Array, "batch seq"]:
+    return jnp.ones((batch, n), bool) if mask is None else mask.astype(bool)
+
+
+def local_attention(
+    q: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads vdim"],
+    *,
+    window: int,
+    causal: bool = True,
+    look_back: int = 1,
+    look_ahead: int | None = None,
+    q_mask: Bool[Array, "batch seq"] | None = None,
+    kv_mask: Bool[Array, "batch seq"] | None = None,
+    scale: float | None = None,
+) -> Float[Array, "batch seq heads vdim"]:
+    """Blocked local attention (ALGORITHM.md section 4).
+
+    The sequence is cut into blocks of `window` tokens; a query block attends to itself and to
+    `look_back` previous blocks (and `look_ahead` next blocks, default 0 when causal and 1 when
+    not). With `causal`, a key is visible only at positions <= the query's. Padded queries
+    (`q_mask` False) return zeros; padded keys (`kv_mask` False) are never attended to.
+    """
+    batch, n, _, dim = q.shape
+    if window < 1:
+        raise ValueError(f"local_attention: window must be >= 1, got {window}")
+    if look_ahead is None:
+        look_ahead = 0 if causal else 1
+    if causal and look_ahead:
+        raise ValueError("local_attention: look_ahead must be 0 when causal=True")
+    scale = dim**-0.5 if scale is None else scale
+    q_valid = _valid(q_mask, batch, n)
+    k_valid = _valid(kv_mask, batch, n)
+
+    def one(qh, kh, vh, kv_ok):
+        def visible(qi, ki):
+            ok = kv_ok[ki]
+            return ok & (ki <= qi) if causal else ok
+
+        return blocked_attention(
+            qh, kh, vh, block=window, look_back=look_back, look_ahead=look_ahead,
+            visible=visible, scale=scale,
+        )
+
+    per_head = jax.vmap(one, in_axes=(1, 1, 1, None), out_axes=1)
+    out = jax.vmap(per_head)(q, k, v, k_valid)
+    return jnp.where(q_valid[:, :, None, None], out, 0).astype(v.dtype)
+
+
+def full_attention(
+    q: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads vdim"],
+    *,
+    causal: bool = True,
+    q_mask: Bool[Array, "batch seq"] | None = None,
+    kv_mask: Bool[Array, "batch seq"] | None = None,
+    scale: float | None = None,
+) -> Float[Array, "batch seq heads vdim"]:
+    """Dense attention with the same masking conventions as `local_attention`."""
+    batch, n, _, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
+    q_valid = _valid(q_mask, batch, n)
+    mask = _valid(kv_mask, batch, n)[:, None, None, :]
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((n, n), bool))
+    out = masked_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
+        scale=scale,
+    ).transpose(0, 2, 1, 3)
+    return jnp.where(q_valid[:, :, None, None], out, 0).astype(v.dtype)

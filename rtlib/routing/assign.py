@@ -1,0 +1,68 @@
+"""Who goes with whom: normalisation, centroid scores and the two assignment modes.
+
+Everything here works on one head of one sequence; callers vmap over batch and heads. All
+routing math is float32 whatever the input dtype (bf16 ties would reorder clusters).
+"""
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+Norm = Literal["layernorm", "l2"]
+Assignment = Literal["balanced", "causal"]
+LogitScale = Literal["rsqrt_dim", "none"]
+
+LAYERNORM_EPS = 1e-6  # the paper code's layer_norm(scaling=False) epsilon
+L2_EPS = 1e-12
+
+
+def normalize(x: Float[Array, "*batch dim"], norm: Norm) -> Float[Array, "*batch dim"]:
+    """The routing normalisation: LayerNorm without gain or bias (paper), or unit L2 (lucidrains)."""
+    x = x.astype(jnp.float32)
+    if norm == "layernorm":
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + LAYERNORM_EPS)
+    if norm == "l2":
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), L2_EPS))
+    raise ValueError(f"unknown routing norm {norm!r}; expected 'layernorm' or 'l2'")
+
+
+def logit_scale_value(logit_scale: LogitScale, dim: int) -> float:
+    """`rsqrt_dim` (Lingvo, lucidrains) or `none` (the paper code: raw dot products)."""
+    if logit_scale == "rsqrt_dim":
+        return dim**-0.5
+    if logit_scale == "none":
+        return 1.0
+    raise ValueError(f"unknown logit_scale {logit_scale!r}; expected 'rsqrt_dim' or 'none'")
+
+
+def centroid_scores(
+    x_hat: Float[Array, "seq dim"], centroids: Float[Array, "clusters dim"]
+) -> Float[Array, "seq clusters"]:
+    """Dot products with the centroids (not Euclidean distances), in float32."""
+    return jnp.einsum(
+        "nd,kd->nk", x_hat.astype(jnp.float32), jax.lax.stop_gradient(centroids).astype(jnp.float32)
+    )
+
+
+def nearest_cluster(
+    scores: Float[Array, "seq clusters"], valid: Bool[Array, " seq"]
+) -> Int[Array, " seq"]:
+    """Argmax assignment; invalid (padded) tokens get the out-of-range id `clusters`."""
+    return jnp.where(valid, jnp.argmax(scores, axis=-1), scores.shape[-1]).astype(jnp.int32)
+
+
+def balanced_members(
+    scores: Float[Array, "seq clusters"], valid: Bool[Array, " seq"], window: int
+) -> Int[Array, "clusters window"]:
+    """Top-`window` tokens of every centroid, sorted by position (the paper's assignment).
+
+    Padded tokens score -inf, so they are only taken when a cluster has fewer than `window`
+    valid candidates; callers mask them out of attention.
+    """
+    masked = jnp.where(valid[:, None], scores, -jnp.inf)
+    _, idx = jax.lax.top_k(masked.T, window)
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)

@@ -1,0 +1,183 @@
+"""Routing attention (ALGORITHM.md section 2): attention only among tokens routed together."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from rtlib.attention.core import blocked_attention, masked_attention
+from rtlib.routing.assign import (
+    Assignment,
+    LogitScale,
+    Norm,
+    balanced_members,
+    centroid_scores,
+    logit_scale_value,
+    nearest_cluster,
+    normalize,
+)
+from rtlib.routing.stats import RoutingStats, assignment_statistics
+
+ASSIGNMENTS = ("balanced", "causal")
+
+
+def routing_attention(
+    q: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads vdim"],
+    centroids: Float[Array, "heads clusters dim"],
+    *,
+    window: int,
+    assignment: Assignment = "balanced",
+    causal: bool = True,
+    norm: Norm = "layernorm",
+    logit_scale: LogitScale = "rsqrt_dim",
+    q_mask: Bool[Array, "batch seq"] | None = None,
+    kv_mask: Bool[Array, "batch seq"] | None = None,
+    shared_qk: bool | None = None,
+    self_mask: bool = False,
+) -> tuple[Float[Array, "batch seq heads vdim"], RoutingStats]:
+    """Routing attention over `[batch, seq, heads, dim]` inputs; returns `(out, stats)`.
+
+    - `window`: the cluster size W. `assignment="balanced"` (the paper): each centroid takes its
+      top-W tokens by score, a token may sit in 0, 1 or several clusters and gets the mean of its
+      cluster outputs (zero if in none). `assignment="causal"`: each token joins its nearest
+      centroid and attends to the W most recent same-cluster tokens at positions <= its own
+      (with `causal=False`: the same-cluster tokens within W ranks on either side).
+    - q and k are normalised (`norm`) for both routing and the attention logits, which are
+      scaled by 1/sqrt(dim) (`logit_scale="rsqrt_dim"`) or not at all (`"none"`, paper code).
+    - Causal masking is by original token position. `shared_qk` (default: `k is q`) clusters
+      keys with the query scores; `self_mask` gives a token's own key a -5e4 logit.
+    - Padded queries (`q_mask` False) output zeros and padded tokens are excluded from the
+      statistics; padded keys (`kv_mask` False) are never attended to.
+    - `stats` (`RoutingStats`, summed over the batch) feeds `kmeans_update` and the commitment loss.
+
+    All routing math and the softmax run in float32; the output has `v`'s dtype.
+    """
+    batch, n, heads, dim = q.shape
+    if shared_qk is None:
+        shared_qk = k is q
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"unknown assignment {assignment!r}; expected one of {ASSIGNMENTS}")
+    if not 1 <= window <= n:
+        raise ValueError(f"routing_attention: window must be in [1, seq={n}], got {window}")
+    if centroids.shape[0] != heads or centroids.shape[-1] != dim:
+        raise ValueError(
+            f"centroids have shape {centroids.shape}; expected (heads={heads}, clusters, dim={dim})"
+        )
+    if self_mask and not shared_qk:
+        raise ValueError("self_mask is only meaningful with shared QK (k is q)")
+    scale = logit_scale_value(logit_scale, dim)
+    ones = jnp.ones((batch, n), bool)
+    q_valid = ones if q_mask is None else q_mask.astype(bool)
+    k_valid = ones if kv_mask is None else kv_mask.astype(bool)
+    # With shared QK and one mask, queries and keys are the same routed set: cluster once.
+    same_routing = shared_qk and (kv_mask is q_mask)
+
+    def head(qh, kh, vh, mu, qv, kv):
+        q_hat = normalize(qh, norm)
+        k_hat = q_hat if shared_qk else normalize(kh, norm)
+        s_q = centroid_scores(q_hat, mu)
+        s_k = s_q if shared_qk else centroid_scores(k_hat, mu)
+        args = (q_hat, k_hat, vh, s_q, s_k, qv, kv)
+        kw = dict(window=window, causal=causal, scale=scale, self_mask=self_mask,
+                  same_routing=same_routing)
+        if assignment == "balanced":
+            out, covered = _balanced(*args, **kw)
+        else:
+            out, covered = _causal(*args, **kw)
+        counts, sums, err = assignment_statistics(q_hat, s_q, mu, qv)
+        if not shared_qk:
+            kc, ks, ke = assignment_statistics(k_hat, s_k, mu, kv)
+            counts, sums, err = counts + kc, sums + ks, err + ke
+        return out, counts, sums, err, jnp.sum(covered & qv)
+
+    per_head = jax.vmap(head, in_axes=(1, 1, 1, 0, None, None), out_axes=(1, 0, 0, 0, 0))
+    out, counts, sums, err, covered = jax.vmap(per_head, in_axes=(0, 0, 0, None, 0, 0))(
+        q, k, v, centroids, q_valid, k_valid
+    )
+    stats = RoutingStats(
+        counts=counts.sum(0),
+        sums=sums.sum(0),
+        sq_error=err.sum(),
+        covered=covered.sum().astype(jnp.float32),
+        queries=(jnp.sum(q_valid) * heads).astype(jnp.float32),
+    )
+    out = jnp.where(q_valid[:, :, None, None], out, 0)
+    return out.astype(v.dtype), stats
+
+
+def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
+              same_routing):
+    """Gather each cluster's W queries and W keys, attend inside it, scatter-mean back."""
+    n = q_hat.shape[0]
+    qi = balanced_members(s_q, q_valid, window)  # [K, W] positions
+    ki = qi if same_routing else balanced_members(s_k, k_valid, window)
+    mask = k_valid[ki][:, None, :]
+    if causal:
+        mask = mask & (ki[:, None, :] <= qi[:, :, None])
+    is_self = (ki[:, None, :] == qi[:, :, None]) if self_mask else None
+    out_c = masked_attention(q_hat[qi], k_hat[ki], v[ki], mask, scale=scale, is_self=is_self)
+    flat = qi.reshape(-1)
+    total = jnp.zeros((n, v.shape[-1]), jnp.float32).at[flat].add(out_c.reshape(flat.size, -1))
+    hits = jnp.zeros((n,), jnp.float32).at[flat].add(1.0)
+    return total / jnp.maximum(hits, 1.0)[:, None], hits > 0
+
+
+def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
+            same_routing):
+    """Nearest-centroid assignment; local attention of width W in (cluster, position) order."""
+    n, num_clusters = s_q.shape
+    pos = jnp.arange(n, dtype=jnp.int32)
+    q_cluster = nearest_cluster(s_q, q_valid)
+    if same_routing:
+        return _causal_sorted(q_hat, v, q_cluster, window=window, causal=causal, scale=scale,
+                              self_mask=self_mask, num_clusters=num_clusters), q_valid
+    k_cluster = nearest_cluster(s_k, k_valid)
+    # Keys in (cluster, position) order; for each query, `last` is the sorted index of the last
+    # key of its cluster at a position <= its own, so its window is a contiguous sorted range.
+    k_order_key = k_cluster * n + pos
+    k_perm = jnp.argsort(k_order_key, stable=True).astype(jnp.int32)
+    last = jnp.searchsorted(k_order_key[k_perm], q_cluster * n + pos, side="right") - 1
+    offsets = jnp.arange(-(window - 1), 1 if causal else window, dtype=jnp.int32)
+    j = last[:, None] + offsets  # [n, window or 2W-1]
+    in_range = (j >= 0) & (j < n)
+    key_pos = k_perm[jnp.clip(j, 0, n - 1)]
+    mask = in_range & (k_cluster[key_pos] == q_cluster[:, None]) & (q_cluster[:, None] < num_clusters)
+    if causal:
+        mask = mask & (key_pos <= pos[:, None])
+    is_self = (key_pos == pos[:, None])[:, None, :] if self_mask else None
+    out = masked_attention(
+        q_hat[:, None, :], k_hat[key_pos], v[key_pos], mask[:, None, :], scale=scale,
+        is_self=is_self,
+    )[:, 0]
+    return out, jnp.any(mask, axis=-1)
+
+
+def _causal_sorted(
+    x_hat: Float[Array, "seq dim"],
+    v: Float[Array, "seq vdim"],
+    cluster: Int[Array, " seq"],
+    *,
+    window: int,
+    causal: bool,
+    scale: float,
+    self_mask: bool,
+    num_clusters: int,
+) -> Float[Array, "seq vdim"]:
+    """Shared QK fast path: blocked local attention on the cluster-sorted sequence, O(n W d)."""
+    n = x_hat.shape[0]
+    perm = jnp.argsort(cluster * n + jnp.arange(n, dtype=jnp.int32), stable=True)
+    seg = cluster[perm]
+
+    def visible(qi, ki):
+        ok = (seg[qi] == seg[ki]) & (seg[ki] < num_clusters)
+        if causal:  # sorted index order within a cluster is position order
+            return ok & (ki <= qi) & (qi - ki < window)
+        return ok & (jnp.abs(qi - ki) < window)
+
+    out_sorted = blocked_attention(
+        x_hat[perm], x_hat[perm], v[perm], block=window, look_back=1,
+        look_ahead=0 if causal else 1, visible=visible, scale=scale,
+        is_self=(lambda qi, ki: qi == ki) if self_mask else None,
+    )
+    return jnp.zeros_like(out_sorted).at[perm].set(out_sorted)

@@ -1,0 +1,64 @@
+"""Routing statistics: what one forward pass tells the centroid update and the loss.
+
+Every field is additive, so statistics from micro-batches, examples and data-parallel replicas
+combine by plain summation (`RoutingStats.sum`, or `jax.lax.psum` on the fields); the EMA
+update and the derived metrics are computed from the sums.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from rtlib.routing.assign import nearest_cluster
+
+
+class RoutingStats(eqx.Module):
+    """Sufficient statistics of one routing attention call (leading dims: e.g. layers).
+
+    - `counts`, `sums`: argmax assignments of every non-padded normalised query (and key, when
+      QK is not shared): how many vectors went to each centroid, and their sum. No gradient.
+    - `sq_error`: sum over those vectors of |x_hat - centroid|^2 (carries the commitment gradient).
+    - `covered`, `queries`: non-padded queries that sit in at least one cluster, and all
+      non-padded queries (summed over heads).
+    """
+
+    counts: Float[Array, "*lead heads clusters"]
+    sums: Float[Array, "*lead heads clusters dim"]
+    sq_error: Float[Array, "*lead"]
+    covered: Float[Array, "*lead"]
+    queries: Float[Array, "*lead"]
+
+    @property
+    def commit_loss(self) -> Float[Array, "*lead"]:
+        """Mean over routed vectors and dimensions of (x_hat - sg(mu_assigned))^2 (unweighted)."""
+        n = jnp.sum(self.counts, axis=(-2, -1)) * self.sums.shape[-1]
+        return self.sq_error / jnp.maximum(n, 1.0)
+
+    @property
+    def coverage(self) -> Float[Array, "*lead"]:
+        """Fraction of non-padded queries that are in at least one cluster."""
+        return self.covered / jnp.maximum(self.queries, 1.0)
+
+    def sum(self, axis: int = 0) -> "RoutingStats":
+        """Sum over one leading axis (batch, micro-batch, ...)."""
+        return jax.tree.map(lambda x: jnp.sum(x, axis=axis), self)
+
+    def __add__(self, other: "RoutingStats") -> "RoutingStats":
+        return jax.tree.map(jnp.add, self, other)
+
+
+def assignment_statistics(
+    x_hat: Float[Array, "seq dim"],
+    scores: Float[Array, "seq clusters"],
+    centroids: Float[Array, "clusters dim"],
+    valid: Bool[Array, " seq"],
+) -> tuple[Float[Array, " clusters"], Float[Array, "clusters dim"], Float[Array, ""]]:
+    """(counts, sums, squared error) of the argmax assignment of the valid vectors of one head."""
+    k = centroids.shape[0]
+    onehot = jax.nn.one_hot(nearest_cluster(scores, valid), k, dtype=jnp.float32)  # padded: 0 row
+    counts = jnp.sum(onehot, axis=0)
+    sums = onehot.T @ jax.lax.stop_gradient(x_hat)
+    assigned = onehot @ jax.lax.stop_gradient(centroids).astype(jnp.float32)
+    err = jnp.sum(jnp.square(x_hat - assigned), axis=-1)
+    return counts, sums, jnp.sum(jnp.where(valid, err, 0.0))
