@@ -1,0 +1,79 @@
+"""spec -> (Equinox model, explicit routing state)."""
+
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+from rtlib.nn.block import Block
+from rtlib.nn.layers import Embedding, LayerNorm, Linear
+from rtlib.nn.model import RoutingTransformer
+from rtlib.routing import KMeansState, RoutingState, normalize
+from rtlib.spec.schema import HeadCounts, ModelSpec, Spec
+
+
+def layer_groups(spec: ModelSpec) -> list[tuple[HeadCounts, int]]:
+    """Runs of consecutive layers with the same head mix: each becomes one scanned stage."""
+    return [(counts, len(list(run))) for counts, run in itertools.groupby(spec.layer_plan())]
+
+
+def build(spec: ModelSpec | Spec, *, key: PRNGKeyArray) -> tuple[RoutingTransformer, RoutingState]:
+    """Build the model and its routing state from a spec.
+
+    Centroids start as LayerNorm(N(0, 1)) (the paper code; unit-L2 for `norm: l2`). With
+    `routing.init: kmeans` the state is marked not initialised, and `model.init_routing` on the
+    first batch must replace them; with `random` it is ready at once.
+    """
+    if isinstance(spec, Spec):
+        spec = spec.model
+    groups = layer_groups(spec)
+    k_embed, k_proj, k_pos, k_out, k_blocks, k_cent = jax.random.split(key, 6)
+    e_dim = spec.embedding.dim or spec.d_model
+    factorised = e_dim != spec.d_model
+    stages, kstates = [], []
+    routing = spec.group("routing")
+    for (counts, n_layers), k_stage, k_c in zip(
+        groups, jax.random.split(k_blocks, len(groups)), jax.random.split(k_cent, len(groups)),
+        strict=True,
+    ):
+        make = lambda k, c=counts: Block(spec, c, key=k)  # noqa: E731
+        stages.append(eqx.filter_vmap(make)(jax.random.split(k_stage, n_layers)))
+        if counts.routing:
+            shape = (n_layers, counts.routing, routing.clusters, spec.head_dim)
+            centroids = normalize(jax.random.normal(k_c, shape, jnp.float32), routing.norm)
+            kstates.append(KMeansState.from_centroids(centroids))
+        else:
+            kstates.append(None)
+    model = RoutingTransformer(
+        embed=Embedding(spec.vocab_size, e_dim, key=k_embed),
+        embed_proj=Linear(e_dim, spec.d_model, bias=False, key=k_proj) if factorised else None,
+        positions=(jax.random.normal(k_pos, (spec.seq_len, spec.d_model)) * 0.02
+                   if spec.embedding.positions == "learned" else None),
+        stages=tuple(stages),
+        final_norm=LayerNorm(spec.d_model) if spec.final_norm else None,
+        unembed=(None if spec.embedding.tied
+                 else Linear(spec.d_model, spec.vocab_size, bias=False, key=k_out)),
+        causal=spec.causal,
+        seq_len=spec.seq_len,
+        dropout=spec.dropout,
+        remat=spec.remat,
+        commitment=spec.routing.commitment,
+        ema_decay=spec.routing.ema_decay,
+        epsilon=spec.routing.epsilon,
+        init_iters=spec.routing.init_iters,
+    )
+    ready = spec.routing.init == "random" or all(s is None for s in kstates)
+    return model, RoutingState(tuple(kstates), jnp.asarray(ready))
+
+
+def abstract_build(spec: ModelSpec | Spec) -> tuple[RoutingTransformer, RoutingState]:
+    """Shapes and dtypes only (no allocation): for paper-sized specs on small machines."""
+    return eqx.filter_eval_shape(build, spec, key=jax.random.key(0))
+
+
+def count_parameters(model: RoutingTransformer) -> int:
+    """Trainable parameters (the routing state is not a parameter); works on abstract models."""
+    is_param = lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, is_param)))

@@ -1,0 +1,83 @@
+"""Small batched building blocks (they act on the last axis, any leading shape)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+
+def _init(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:
+    return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * fan_in**-0.5
+
+
+class Linear(eqx.Module):
+    """y = x W (+ b) over the last axis."""
+
+    weight: Float[Array, "din dout"]
+    bias: Float[Array, " dout"] | None
+
+    def __init__(self, din: int, dout: int, *, bias: bool, key: PRNGKeyArray):
+        self.weight = _init(key, (din, dout), din)
+        self.bias = jnp.zeros((dout,), jnp.float32) if bias else None
+
+    def __call__(self, x: Float[Array, "*batch din"]) -> Float[Array, "*batch dout"]:
+        y = x @ self.weight.astype(x.dtype)
+        return y if self.bias is None else y + self.bias.astype(x.dtype)
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm with learned gain and bias, statistics in float32."""
+
+    weight: Float[Array, " dim"]
+    bias: Float[Array, " dim"]
+    eps: float = eqx.field(static=True, default=1e-5)
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.weight = jnp.ones((dim,), jnp.float32)
+        self.bias = jnp.zeros((dim,), jnp.float32)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, -1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.weight + self.bias
+        return y.astype(x.dtype)
+
+
+class Embedding(eqx.Module):
+    """Token embedding table; `attend` reuses it as a tied output projection."""
+
+    weight: Float[Array, "vocab dim"]
+
+    def __init__(self, vocab: int, dim: int, *, key: PRNGKeyArray):
+        self.weight = jax.random.normal(key, (vocab, dim), jnp.float32) * dim**-0.5
+
+    def __call__(self, tokens: Int[Array, "*batch"]) -> Float[Array, "*batch dim"]:
+        return jnp.take(self.weight, tokens, axis=0)
+
+    def attend(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch vocab"]:
+        return x @ self.weight.astype(x.dtype).T
+
+
+def rotary(x: Float[Array, "batch seq heads dim"]) -> Float[Array, "batch seq heads dim"]:
+    """Rotary position embedding over positions 0..seq-1 (an odd last channel is left as is)."""
+    n, dim = x.shape[1], x.shape[-1]
+    half = dim // 2
+    if half == 0:
+        return x
+    freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = jnp.arange(n, dtype=jnp.float32)[:, None] * freq  # [seq, half]
+    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    a, b, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
+    out = jnp.concatenate([a * cos - b * sin, a * sin + b * cos, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+def dropout(x: Array, rate: float, key: PRNGKeyArray | None, inference: bool) -> Array:
+    """Inverted dropout; identity in inference, at rate 0, or without a key."""
+    if inference or rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -1,0 +1,167 @@
+"""Reading spec files: YAML (safe_load only), dotted overrides, and errors people can act on."""
+
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from rtlib.spec.schema import Spec
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; `problems` holds one line per problem, `str()` all of them."""
+
+    def __init__(self, source: str, problems: Sequence[str]):
+        self.source = source
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{source}: {p}" for p in self.problems))
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
+    """Read a YAML spec, apply `dotted.key=value` overrides (values parsed as YAML), validate.
+
+    Raises `SpecError` naming the file, the key path and what is wrong.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(source, [f"cannot read spec file: {e.strerror or e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(source, [f"invalid YAML: {e}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"the top level must be a mapping, got {type(data).__name__}"])
+    applied = apply_overrides(data, overrides, source)
+    return validate_spec(data, source, applied)
+
+
+def apply_overrides(data: dict, overrides: Iterable[str], source: str = "<overrides>") -> list[str]:
+    """Set `a.b.0.c=value` items in nested `data` in place; returns the dotted keys set."""
+    applied = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(source, [f"override {item!r} must look like dotted.key=value"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise SpecError(source, [f"override {item!r}: value is not valid YAML: {e}"]) from None
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError(source, [f"override {item!r}: {where} is not an index of a "
+                                             f"list of {len(node)} items"])
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise SpecError(source, [f"override {item!r}: {'.'.join(parts[:depth])} is a "
+                                         f"value, not a section"])
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+        applied.append(key)
+    return applied
+
+
+def validate_spec(data: dict, source: str = "<spec>", overridden: Sequence[str] = ()) -> Spec:
+    """Validate already-parsed spec data, turning Pydantic errors into `SpecError` lines."""
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(source, [_describe(err, overridden) for err in e.errors()]) from None
+
+
+def _describe(err: dict, overridden: Sequence[str]) -> str:
+    loc = tuple(err["loc"])
+    path = _printable_path(loc)
+    if err["type"] == "spec_conflict":
+        ctx = err["ctx"]
+        path = ".".join(p for p in (path, ctx["path"]) if p)
+        message = ctx["message"]
+    elif err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        message = "unknown key"
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+        elif valid:
+            message += f"; valid keys here: {', '.join(valid)}"
+    else:
+        message = err["msg"]
+        if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
+            message += f" (got {err['input']!r})"
+    origin = next((o for o in overridden if path == o or path.startswith(o + ".")), None)
+    suffix = f" [set by override {origin}=...]" if origin else ""
+    return f"{path or '<top level>'}: {message}{suffix}"
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated / Optional wrappers."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) == 1:
+                tp = args[0]
+            else:
+                return tp
+        else:
+            return tp
+
+
+def _step(tp: Any, elem: Any) -> tuple[Any, bool]:
+    """Follow one loc element from type `tp`: (next type, whether elem is printed in paths)."""
+    tp = _unwrap(tp)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    if origin is dict:
+        return typing.get_args(tp)[1], True
+    if origin in (typing.Union, types.UnionType):  # discriminated union: elem is the tag
+        for member in typing.get_args(tp):
+            member = _unwrap(member)
+            kind = getattr(member, "model_fields", {}).get("kind")
+            if kind is not None and elem in typing.get_args(kind.annotation):
+                return member, False
+        return None, True
+    if isinstance(tp, type) and issubclass(tp, BaseModel) and elem in tp.model_fields:
+        return tp.model_fields[elem].annotation, True
+    return None, True
+
+
+def _walk(loc: tuple) -> tuple[Any, list[str]]:
+    tp: Any = Spec
+    printed = []
+    for elem in loc:
+        tp, shown = _step(tp, elem)
+        if shown:
+            printed.append(str(elem))
+    return tp, printed
+
+
+def _printable_path(loc: tuple) -> str:
+    return ".".join(_walk(loc)[1])
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    tp = _unwrap(_walk(loc)[0])
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None

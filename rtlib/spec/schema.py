@@ -1,0 +1,247 @@
+"""The model spec: Pydantic v2 models that YAML files validate against.
+
+Every model forbids unknown keys and documents every field; `docs/spec-reference.md` is
+generated from these descriptions (`python tools/spec_reference.py`). Cross-field rules live in
+`ModelSpec._cross_field_checks`, each reporting the key path it concerns.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+HeadKind = Literal["local", "routing", "full"]
+HEAD_KINDS: tuple[HeadKind, ...] = ("local", "full", "routing")  # order of heads inside a layer
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalHeads(Strict):
+    """Blocked local attention heads (ALGORITHM.md section 4)."""
+
+    kind: Literal["local"] = Field(description="Head kind tag: `local`.")
+    count: int = Field(ge=0, description="Number of local heads in each layer.")
+    window: int = Field(ge=1, description="Block size B: queries attend within their block and "
+                        "`look_back` previous blocks. The sequence length must be a multiple.")
+    look_back: int = Field(1, ge=0, description="Previous blocks each query block also sees.")
+    look_ahead: int | None = Field(None, ge=0, description="Next blocks each query block also "
+                                   "sees (encoders only); default 0 for decoders, 1 for encoders.")
+
+
+class RoutingHeads(Strict):
+    """Routing heads: content-based sparse attention with online k-means (section 2)."""
+
+    kind: Literal["routing"] = Field(description="Head kind tag: `routing`.")
+    count: int = Field(ge=0, description="Number of routing heads in each layer.")
+    clusters: int = Field(ge=1, description="Number of centroids K per head.")
+    window: int = Field(ge=1, description="Cluster size W: tokens per cluster (balanced) or the "
+                        "number of most recent same-cluster tokens a query sees (causal).")
+    assignment: Literal["balanced", "causal"] = Field(
+        "balanced", description="`balanced`: every centroid takes its top-W tokens (the paper). "
+        "`causal`: nearest centroid, W most recent same-cluster tokens (strictly causal).")
+    shared_qk: bool = Field(True, description="Keys equal queries (the paper's default); no key "
+                            "projection for routing heads.")
+    norm: Literal["layernorm", "l2"] = Field(
+        "layernorm", description="Normalisation of q and k before routing and attention: "
+        "LayerNorm without gain or bias (paper) or unit L2 (lucidrains).")
+    logit_scale: Literal["rsqrt_dim", "none"] = Field(
+        "rsqrt_dim", description="Scale of routing-head logits: 1/sqrt(head_dim), or none "
+        "(the paper code).")
+    self_mask: bool = Field(False, description="With shared QK, give a token's own key a "
+                            "-5e4 logit (lucidrains).")
+    rotary: bool = Field(False, description="Apply rotary positions to routing-head q and k "
+                         "before normalisation (off: routing is purely by content).")
+
+
+class FullHeads(Strict):
+    """Dense heads: every query sees every (earlier, in a decoder) token. O(n^2)."""
+
+    kind: Literal["full"] = Field(description="Head kind tag: `full`.")
+    count: int = Field(ge=0, description="Number of full-attention heads in each layer.")
+
+
+HeadGroup = Annotated[LocalHeads | RoutingHeads | FullHeads, Field(discriminator="kind")]
+
+
+class HeadCounts(Strict):
+    """How many heads of each kind one layer has."""
+
+    local: int = Field(0, ge=0, description="Local heads in this layer.")
+    routing: int = Field(0, ge=0, description="Routing heads in this layer.")
+    full: int = Field(0, ge=0, description="Full heads in this layer.")
+
+    @property
+    def total(self) -> int:
+        return self.local + self.routing + self.full
+
+
+class AttentionSpec(Strict):
+    """The heads of every layer."""
+
+    head_dim: int | None = Field(None, ge=1, description="Per-head dimension; default "
+                                 "d_model / heads per layer (which must divide).")
+    heads: list[HeadGroup] = Field(min_length=1, description="One entry per head kind used "
+                                   "(`kind: local | routing | full`) with its settings and "
+                                   "per-layer count.")
+    layer_heads: list[HeadCounts] | None = Field(
+        None, description="Optional per-layer head counts (one entry per layer), overriding the "
+        "`count` of each group; every layer must have the same total.")
+
+
+class RoutingSpec(Strict):
+    """The online k-means shared by all routing heads (section 3)."""
+
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay of centroid statistics.")
+    epsilon: float = Field(1e-5, gt=0, description="Laplace smoothing of cluster counts.")
+    commitment: float = Field(1e-4, ge=0, description="Weight beta of the commitment loss "
+                              "added to the training loss.")
+    init: Literal["random", "kmeans"] = Field(
+        "random", description="`random`: LayerNorm(N(0,1)) centroids (paper code), ready at "
+        "once. `kmeans`: Lloyd iterations on the first training batch.")
+    init_iters: int = Field(10, ge=1, description="Lloyd iterations for `init: kmeans`.")
+    skip_first: int = Field(0, ge=0, description="The first N layers turn their routing heads "
+                            "into local heads (paper `sparsity_skip_first`).")
+
+
+class FeedForwardSpec(Strict):
+    """The position-wise feed-forward block."""
+
+    hidden: int = Field(ge=1, description="Hidden width.")
+    activation: Literal["gelu", "geglu", "relu"] = Field(
+        "gelu", description="GELU MLP, GEGLU (the paper's text models) or ReLU (its image models).")
+    bias: bool = Field(True, description="Biases in the feed-forward projections (paper GEGLU: "
+                       "none).")
+
+
+class EmbeddingSpec(Strict):
+    """Token embedding, positions and output projection."""
+
+    dim: int | None = Field(None, ge=1, description="Factorised embedding width (then a dense "
+                            "projection to d_model); default d_model (no factorisation).")
+    positions: Literal["rotary", "learned", "none"] = Field(
+        "rotary", description="Rotary on local/full-head q and k, learned absolute embeddings, "
+        "or none.")
+    tied: bool = Field(False, description="Reuse the token embedding as the output projection.")
+
+
+class ModelSpec(Strict):
+    """A Routing Transformer language model (decoder) or encoder."""
+
+    kind: Literal["decoder", "encoder"] = Field("decoder", description="`decoder`: causal LM; "
+                                                "`encoder`: every token sees both sides.")
+    vocab_size: int = Field(ge=2, description="Number of token ids.")
+    seq_len: int = Field(ge=1, description="Training sequence length n.")
+    d_model: int = Field(ge=1, description="Residual stream width.")
+    n_layers: int = Field(ge=1, description="Number of transformer blocks.")
+    norm: Literal["pre", "post"] = Field("pre", description="Pre-norm (modern) or post-norm "
+                                         "(the paper's T2T default).")
+    final_norm: bool = Field(True, description="LayerNorm before the output projection.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings and on every "
+                           "residual branch (training only).")
+    remat: bool = Field(False, description="Recompute each block in the backward pass "
+                        "(saves activation memory).")
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec,
+                                     description="Embedding and output settings.")
+    attention: AttentionSpec = Field(description="Head kinds and their settings.")
+    routing: RoutingSpec = Field(default_factory=RoutingSpec,
+                                 description="Online k-means settings.")
+    feed_forward: FeedForwardSpec = Field(description="Feed-forward settings.")
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "decoder"
+
+    def group(self, kind: HeadKind) -> LocalHeads | RoutingHeads | FullHeads | None:
+        return next((g for g in self.attention.heads if g.kind == kind), None)
+
+    def layer_plan(self) -> list[HeadCounts]:
+        """Head counts of every layer after `layer_heads` and `routing.skip_first`."""
+        if self.attention.layer_heads is not None:
+            plan = list(self.attention.layer_heads)
+        else:
+            counts = {g.kind: g.count for g in self.attention.heads}
+            plan = [HeadCounts(**counts)] * self.n_layers
+        skip = self.routing.skip_first
+        return [
+            HeadCounts(local=c.local + c.routing, full=c.full) if i < skip else c
+            for i, c in enumerate(plan)
+        ]
+
+    @property
+    def head_dim(self) -> int:
+        if self.attention.head_dim is not None:
+            return self.attention.head_dim
+        return self.d_model // self.layer_plan()[0].total
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> "ModelSpec":
+        problem = _first_problem(self)
+        if problem is not None:
+            path, message = problem
+            raise PydanticCustomError("spec_conflict", "{path}: {message}",
+                                      {"path": path, "message": message})
+        return self
+
+
+def _first_problem(m: ModelSpec) -> tuple[str, str] | None:
+    """The first cross-field inconsistency as (key path relative to the model, message)."""
+    kinds = [g.kind for g in m.attention.heads]
+    for i, kind in enumerate(kinds):
+        if kind in kinds[:i]:
+            return f"attention.heads.{i}.kind", f"head kind {kind!r} is listed twice"
+    layer_heads = m.attention.layer_heads
+    if layer_heads is not None:
+        if len(layer_heads) != m.n_layers:
+            return ("attention.layer_heads",
+                    f"has {len(layer_heads)} entries but n_layers is {m.n_layers}")
+        for i, counts in enumerate(layer_heads):
+            for kind in HEAD_KINDS:
+                if getattr(counts, kind) and kind not in kinds:
+                    return (f"attention.layer_heads.{i}.{kind}",
+                            f"layer {i} uses {kind} heads but attention.heads has no "
+                            f"`kind: {kind}` entry to configure them")
+    if m.routing.skip_first > m.n_layers:
+        return "routing.skip_first", f"is {m.routing.skip_first} but n_layers is {m.n_layers}"
+    plan = m.layer_plan()
+    if m.routing.skip_first and any(c.local for c in plan[: m.routing.skip_first]) \
+            and "local" not in kinds:
+        return ("routing.skip_first", "turns routing heads into local heads, but attention.heads "
+                "has no `kind: local` entry giving their window")
+    totals = {c.total for c in plan}
+    if len(totals) != 1:
+        return "attention.layer_heads", f"layers have different head totals {sorted(totals)}"
+    total = totals.pop()
+    if total == 0:
+        return "attention.heads", "every layer needs at least one head"
+    if m.attention.head_dim is None and m.d_model % total:
+        return ("attention.head_dim", f"d_model={m.d_model} is not divisible by {total} heads "
+                "per layer; set head_dim explicitly or change the head counts")
+    local, routing = m.group("local"), m.group("routing")
+    if local is not None and any(c.local for c in plan):
+        i = kinds.index("local")
+        if m.seq_len % local.window:
+            return (f"attention.heads.{i}.window", f"seq_len={m.seq_len} is not a multiple of "
+                    f"the local window {local.window}")
+        if m.causal and local.look_ahead:
+            return (f"attention.heads.{i}.look_ahead", "must be 0 (or unset) in a decoder: "
+                    "looking ahead would see future tokens")
+    if routing is not None and any(c.routing for c in plan):
+        i = kinds.index("routing")
+        if routing.window > m.seq_len:
+            return (f"attention.heads.{i}.window", f"cluster window {routing.window} exceeds "
+                    f"seq_len={m.seq_len}")
+        if routing.self_mask and not routing.shared_qk:
+            return f"attention.heads.{i}.self_mask", "requires shared_qk: true"
+    if m.embedding.dim is not None and m.embedding.dim > m.d_model:
+        return "embedding.dim", f"factorised width {m.embedding.dim} exceeds d_model={m.d_model}"
+    return None
+
+
+class Spec(Strict):
+    """A whole spec file."""
+
+    name: str | None = Field(None, description="Short name of this configuration.")
+    description: str = Field("", description="What this configuration is for, and its source.")
+    model: ModelSpec = Field(description="The network.")
