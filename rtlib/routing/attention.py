@@ -130,8 +130,8 @@ def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scal
     pos = jnp.arange(n, dtype=jnp.int32)
     q_cluster = nearest_cluster(s_q, q_valid)
     if same_routing:
-        return _causal_sorted(q_hat, v, q_cluster, window=window, causal=causal, scale=scale,
-                              self_mask=self_mask, num_clusters=num_clusters), q_valid
+        return _causal_aligned(q_hat, v, q_cluster, window=window, causal=causal, scale=scale,
+                               self_mask=self_mask, num_clusters=num_clusters), q_valid
     k_cluster = nearest_cluster(s_k, k_valid)
     # Keys in (cluster, position) order; for each query, `last` is the sorted index of the last
     # key of its cluster at a position <= its own, so its window is a contiguous sorted range.
@@ -139,7 +139,7 @@ def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scal
     k_perm = jnp.argsort(k_order_key, stable=True).astype(jnp.int32)
     last = jnp.searchsorted(k_order_key[k_perm], q_cluster * n + pos, side="right") - 1
     offsets = jnp.arange(-(window - 1), 1 if causal else window, dtype=jnp.int32)
-    j = last[:, None] + offsets  # [n, window or 2W-1]
+    j = last[:, None] + offsets[None, :]  # [n, window or 2W-1]
     in_range = (j >= 0) & (j < n)
     key_pos = k_perm[jnp.clip(j, 0, n - 1)]
     mask = in_range & (k_cluster[key_pos] == q_cluster[:, None]) & (q_cluster[:, None] < num_clusters)
@@ -153,7 +153,7 @@ def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scal
     return out, jnp.any(mask, axis=-1)
 
 
-def _causal_sorted(
+def _causal_aligned(
     x_hat: Float[Array, "seq dim"],
     v: Float[Array, "seq vdim"],
     cluster: Int[Array, " seq"],
@@ -164,20 +164,41 @@ def _causal_sorted(
     self_mask: bool,
     num_clusters: int,
 ) -> Float[Array, "seq vdim"]:
-    """Shared QK fast path: blocked local attention on the cluster-sorted sequence, O(n W d)."""
+    """Shared-QK fast path: blocked attention over a cluster-aligned layout, O(n W d).
+
+    Tokens are laid out by (cluster, position) with every cluster starting on a block boundary,
+    so a block never mixes clusters and a token's place inside its block depends only on the
+    earlier tokens of its cluster. That makes each output independent of later tokens *bit for
+    bit* (the arithmetic of every (query, key) pair sits at the same tile position whatever
+    comes later). The layout holds at most n + K (W - 1) slots.
+    """
     n = x_hat.shape[0]
-    perm = jnp.argsort(cluster * n + jnp.arange(n, dtype=jnp.int32), stable=True)
-    seg = cluster[perm]
+    pos = jnp.arange(n, dtype=jnp.int32)
+    counts = jnp.zeros((num_clusters + 1,), jnp.int32).at[cluster].add(1)[:num_clusters]
+    blocks = (counts + window - 1) // window
+    slot_start = (jnp.cumsum(blocks) - blocks) * window
+    first = jnp.cumsum(counts) - counts  # first index of each cluster in (cluster, pos) order
+    order = jnp.argsort(cluster * n + pos, stable=True)
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(pos)  # index in (cluster, pos) order
+    valid = cluster < num_clusters
+    c = jnp.minimum(cluster, num_clusters - 1)
+    length = (n + num_clusters * (window - 1)) // window * window
+    slot = jnp.where(valid, slot_start[c] + rank - first[c], length)  # invalid: dropped
+
+    def place(x, fill):
+        return jnp.full((length, *x.shape[1:]), fill, x.dtype).at[slot].set(x, mode="drop")
+
+    seg = place(cluster, num_clusters)
 
     def visible(qi, ki):
         ok = (seg[qi] == seg[ki]) & (seg[ki] < num_clusters)
-        if causal:  # sorted index order within a cluster is position order
+        if causal:  # slot order within a cluster is position order
             return ok & (ki <= qi) & (qi - ki < window)
         return ok & (jnp.abs(qi - ki) < window)
 
-    out_sorted = blocked_attention(
-        x_hat[perm], x_hat[perm], v[perm], block=window, look_back=1,
-        look_ahead=0 if causal else 1, visible=visible, scale=scale,
-        is_self=(lambda qi, ki: qi == ki) if self_mask else None,
+    x_l = place(x_hat, 0)
+    out_l = blocked_attention(
+        x_l, x_l, place(v, 0), block=window, look_back=1, look_ahead=0 if causal else 1,
+        visible=visible, scale=scale, is_self=(lambda qi, ki: qi == ki) if self_mask else None,
     )
-    return jnp.zeros_like(out_sorted).at[perm].set(out_sorted)
+    return jnp.where(valid[:, None], out_l[jnp.minimum(slot, length - 1)], 0.0)

@@ -102,9 +102,9 @@ def routing_attention_dense(
             lambda m: masked_attention(q_hat, k_hat, vh, m, scale=scale,
                                        is_self=eye if self_mask else None)
         )(mask)  # [groups, n, vdim]
-        hits = jnp.sum(member, axis=0)
+        hits = jnp.sum(member, axis=0).astype(jnp.float32)
         total = jnp.sum(jnp.where(member[:, :, None], outs, 0.0), axis=0)
-        return jnp.where(qv[:, None], total / jnp.maximum(hits, 1)[:, None], 0.0)
+        return jnp.where(qv[:, None], total / jnp.maximum(hits, 1.0)[:, None], 0.0)
 
     per_head = jax.vmap(head, in_axes=(1, 1, 1, 0, None, None), out_axes=1)
     out = jax.vmap(per_head, in_axes=(0, 0, 0, None, 0, 0))(q, k, v, centroids, q_valid, k_valid)
