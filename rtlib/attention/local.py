@@ -73,7 +73,7 @@ def full_attention(
     q_valid = _valid(q_mask, batch, n)
     mask = _valid(kv_mask, batch, n)[:, None, None, :]
     if causal:
-        mask = mask & jnp.tril(jnp.ones((n, n), bool))
+        mask = mask & jnp.tril(jnp.ones((n, n), bool))[None, None]
     out = masked_attention(
         q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
         scale=scale,

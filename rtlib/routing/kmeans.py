@@ -82,7 +82,7 @@ def kmeans_init(
 
         def lloyd(mu, _):
             assign = jnp.argmax(xs @ mu.T, axis=-1)
-            onehot = jax.nn.one_hot(assign, num_clusters) * ok[:, None]
+            onehot = jnp.where(ok[:, None], jax.nn.one_hot(assign, num_clusters), 0.0)
             counts = onehot.sum(0)
             means = (onehot.T @ xs) / jnp.maximum(counts, 1.0)[:, None]
             return jnp.where(counts[:, None] > 0, means, mu), None
