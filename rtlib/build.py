@@ -28,6 +28,17 @@ def build(spec: ModelSpec | Spec, *, key: PRNGKeyArray) -> tuple[RoutingTransfor
     """
     if isinstance(spec, Spec):
         spec = spec.model
+    # One compiled program per spec (keyed by its JSON): far faster than running the
+    # initialisers op by op, and rebuilding the same spec with another key reuses it.
+    return _build_compiled(spec.model_dump_json(), key)
+
+
+@eqx.filter_jit
+def _build_compiled(spec_json: str, key: PRNGKeyArray) -> tuple[RoutingTransformer, RoutingState]:
+    return _build(ModelSpec.model_validate_json(spec_json), key)
+
+
+def _build(spec: ModelSpec, key: PRNGKeyArray) -> tuple[RoutingTransformer, RoutingState]:
     groups = layer_groups(spec)
     k_embed, k_proj, k_pos, k_out, k_blocks, k_cent = jax.random.split(key, 6)
     e_dim = spec.embedding.dim or spec.d_model

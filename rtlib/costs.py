@@ -29,9 +29,9 @@ def _attention_keys_per_query(spec: ModelSpec, counts: HeadCounts) -> dict[str, 
     local, routing = spec.group("local"), spec.group("routing")
     if counts.local:
         ahead = local.look_ahead if local.look_ahead is not None else (0 if spec.causal else 1)
-        keys["local"] = counts.local * (local.look_back + 1 + ahead) * local.window
+        keys["local"] = float(counts.local * (local.look_back + 1 + ahead) * local.window)
     if counts.full:
-        keys["full"] = counts.full * n
+        keys["full"] = float(counts.full * n)
     if counts.routing:
         w = routing.window
         if routing.assignment == "balanced":
@@ -42,7 +42,7 @@ def _attention_keys_per_query(spec: ModelSpec, counts: HeadCounts) -> dict[str, 
             per = (2 if spec.causal else 3) * w * slots / n
         else:
             per = w if spec.causal else 2 * w - 1
-        keys["routing"] = counts.routing * per
+        keys["routing"] = float(counts.routing * per)
     return keys
 
 

@@ -6,8 +6,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 
+def _along_last(p: Array, x: Array) -> Array:
+    """`p` shaped to broadcast over `x`'s leading axes (explicit, so rank promotion never hides
+    a shape bug)."""
+    return p.astype(x.dtype).reshape((1,) * (x.ndim - p.ndim) + p.shape)
+
+
 def _init(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:
-    return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * fan_in**-0.5
+    return jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5
 
 
 class Linear(eqx.Module):
@@ -22,7 +28,7 @@ class Linear(eqx.Module):
 
     def __call__(self, x: Float[Array, "*batch din"]) -> Float[Array, "*batch dout"]:
         y = x @ self.weight.astype(x.dtype)
-        return y if self.bias is None else y + self.bias.astype(x.dtype)
+        return y if self.bias is None else y + _along_last(self.bias, y)
 
 
 class LayerNorm(eqx.Module):
@@ -41,7 +47,8 @@ class LayerNorm(eqx.Module):
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, -1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.weight + self.bias
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * _along_last(self.weight, y) + _along_last(self.bias, y)
         return y.astype(x.dtype)
 
 
@@ -67,7 +74,7 @@ def rotary(x: Float[Array, "batch seq heads dim"]) -> Float[Array, "batch seq he
     if half == 0:
         return x
     freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = jnp.arange(n, dtype=jnp.float32)[:, None] * freq  # [seq, half]
+    angle = jnp.arange(n, dtype=jnp.float32)[:, None] * freq[None, :]  # [seq, half]
     cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
     xf = x.astype(jnp.float32)
     a, b, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]

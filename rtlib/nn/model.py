@@ -99,7 +99,7 @@ class RoutingTransformer(eqx.Module):
         if self.embed_proj is not None:
             h = self.embed_proj(h)
         if self.positions is not None:
-            h = h + self.positions[:n]
+            h = h + self.positions[None, :n]
         h = dropout(h, self.dropout, keys[-1], inference)
         stats, used = [], []
         for blocks, kstate, k, ik in zip(self.stages, state.stages, keys, init_keys, strict=False):
