@@ -1,0 +1,1 @@
+"""Pallas kernels for routing and local attention (see kernels/README.md; not written yet)."""
