@@ -45,8 +45,9 @@ def routing_attention(
       (with `causal=False`: the same-cluster tokens within W ranks on either side).
     - q and k are normalised (`norm`) for both routing and the attention logits, which are
       scaled by 1/sqrt(dim) (`logit_scale="rsqrt_dim"`) or not at all (`"none"`, paper code).
-    - Causal masking is by original token position. `shared_qk` (default: `k is q`) clusters
-      keys with the query scores; `self_mask` gives a token's own key a -5e4 logit.
+    - Causal masking is by original token position. `shared_qk` (default: `k is q`) uses the
+      normalised queries as keys (any other `k` is ignored); `self_mask` then gives a token's own
+      key a -5e4 logit.
     - Padded queries (`q_mask` False) output zeros and padded tokens are excluded from the
       statistics; padded keys (`kv_mask` False) are never attended to.
     - `stats` (`RoutingStats`, summed over the batch) feeds `kmeans_update` and the commitment loss.
