@@ -50,7 +50,7 @@ def run_demo(spec: Spec, *, steps: int, batch: int, seed: int, lr: float, print_
     @eqx.filter_jit
     def train_step(model, state, opt_state, tokens, key):
         grad_fn = eqx.filter_value_and_grad(next_token_loss, has_aux=True)
-        (loss, (lm, commit, stats)), grads = grad_fn(model, state, tokens, key=key)
+        (_, (lm, commit, stats)), grads = grad_fn(model, state, tokens, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         model = eqx.apply_updates(model, updates)
         return model, model.update_state(state, stats), opt_state, lm, commit, stats

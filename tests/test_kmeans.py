@@ -94,3 +94,18 @@ def _ema_step(state, key, centres):
     counts, sums, _ = assignment_statistics(pts, scores, state.centroids[0],
                                             jnp.ones(pts.shape[0], bool))
     return kmeans_update(state, counts[None], sums[None], decay=0.95, eps=1e-5)
+
+
+def test_kmeans_functions_jit_and_vmap():
+    x = jax.random.normal(jax.random.key(5), (3, 2, 40, 4))  # [layers, heads, points, dim]
+    keys = jax.random.split(jax.random.key(6), 3)
+    per_layer = jax.vmap(lambda x, k: kmeans_init(x, 5, key=k, iters=3))(x, keys)
+    assert per_layer.shape == (3, 2, 5, 4)
+    state = KMeansState.from_centroids(per_layer)
+    counts = jnp.ones((3, 2, 5))
+    sums = jnp.ones((3, 2, 5, 4))
+    jitted = jax.jit(lambda s: kmeans_update(s, counts, sums, decay=0.9, eps=1e-5))(state)
+    mapped = jax.vmap(lambda s, c, m: kmeans_update(s, c, m, decay=0.9, eps=1e-5))(
+        state, counts, sums)
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(mapped), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

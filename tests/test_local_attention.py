@@ -56,3 +56,14 @@ def test_local_attention_rejects_look_ahead_when_causal(getkey):
     q = jax.random.normal(getkey(), (B, N, H, D))
     with pytest.raises(ValueError, match="look_ahead must be 0"):
         local_attention(q, q, q, window=8, causal=True, look_ahead=1)
+
+
+def test_local_attention_vmap_and_bf16(getkey):
+    q, k, v = (jax.random.normal(getkey(), (B, N, H, D)) for _ in range(3))
+    f = jax.jit(lambda q, k, v: local_attention(q, k, v, window=8))
+    stacked = jax.vmap(f)(q[None], k[None], v[None])[0]
+    assert max_abs(stacked, f(q, k, v)) < 1e-6
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out = f(*low)
+    assert out.dtype == jnp.bfloat16
+    assert max_abs(out, f(*(x.astype(jnp.float32) for x in low))) < 2e-2

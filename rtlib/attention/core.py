@@ -19,6 +19,13 @@ MASKED_LOGIT = -1e30
 SELF_LOGIT = -5e4
 
 
+def valid_or_all(
+    mask: Bool[Array, "batch seq"] | None, batch: int, n: int
+) -> Bool[Array, "batch seq"]:
+    """A padding mask (True = real token), or all-True when there is none."""
+    return jnp.ones((batch, n), bool) if mask is None else mask.astype(bool)
+
+
 def masked_attention(
     q: Float[Array, "*batch q dim"],
     k: Float[Array, "*batch kv dim"],

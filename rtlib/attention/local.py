@@ -4,11 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from rtlib.attention.core import blocked_attention, masked_attention
-
-
-def _valid(mask: Bool[Array, "batch seq"] | None, batch: int, n: int) -> Bool[Array, "batch seq"]:
-    return jnp.ones((batch, n), bool) if mask is None else mask.astype(bool)
+from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all
 
 
 def local_attention(
@@ -39,8 +35,8 @@ def local_attention(
     if causal and look_ahead:
         raise ValueError("local_attention: look_ahead must be 0 when causal=True")
     scale = dim**-0.5 if scale is None else scale
-    q_valid = _valid(q_mask, batch, n)
-    k_valid = _valid(kv_mask, batch, n)
+    q_valid = valid_or_all(q_mask, batch, n)
+    k_valid = valid_or_all(kv_mask, batch, n)
 
     def one(qh, kh, vh, kv_ok):
         def visible(qi, ki):
@@ -70,8 +66,8 @@ def full_attention(
     """Dense attention with the same masking conventions as `local_attention`."""
     batch, n, _, dim = q.shape
     scale = dim**-0.5 if scale is None else scale
-    q_valid = _valid(q_mask, batch, n)
-    mask = _valid(kv_mask, batch, n)[:, None, None, :]
+    q_valid = valid_or_all(q_mask, batch, n)
+    mask = valid_or_all(kv_mask, batch, n)[:, None, None, :]
     if causal:
         mask = mask & jnp.tril(jnp.ones((n, n), bool))[None, None]
     out = masked_attention(

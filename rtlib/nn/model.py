@@ -83,7 +83,7 @@ class RoutingTransformer(eqx.Module):
         return RoutingState(stages, jnp.asarray(True))
 
     def _forward(self, tokens, state, *, key, mask, inference, init_key=None, init_iters=10):
-        batch, n = tokens.shape
+        n = tokens.shape[1]
         if n > self.seq_len:
             raise ValueError(f"sequence of {n} tokens exceeds the model's seq_len={self.seq_len}")
         if len(state.stages) != len(self.stages):

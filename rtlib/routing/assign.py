@@ -48,6 +48,22 @@ def centroid_scores(
     )
 
 
+def route_scores(
+    q: Float[Array, "seq dim"],
+    k: Float[Array, "seq dim"],
+    centroids: Float[Array, "clusters dim"],
+    *,
+    norm: Norm,
+    shared_qk: bool,
+) -> tuple[Float[Array, "seq dim"], Float[Array, "seq dim"], Float[Array, "seq clusters"],
+           Float[Array, "seq clusters"]]:
+    """(q_hat, k_hat, query scores, key scores) of one head; with shared QK, k is ignored."""
+    q_hat = normalize(q, norm)
+    k_hat = q_hat if shared_qk else normalize(k, norm)
+    s_q = centroid_scores(q_hat, centroids)
+    return q_hat, k_hat, s_q, s_q if shared_qk else centroid_scores(k_hat, centroids)
+
+
 def nearest_cluster(
     scores: Float[Array, "seq clusters"], valid: Bool[Array, " seq"]
 ) -> Int[Array, " seq"]:

@@ -4,16 +4,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from rtlib.attention.core import blocked_attention, masked_attention
+from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all
 from rtlib.routing.assign import (
     Assignment,
     LogitScale,
     Norm,
     balanced_members,
-    centroid_scores,
     logit_scale_value,
     nearest_cluster,
-    normalize,
+    route_scores,
 )
 from rtlib.routing.stats import RoutingStats, assignment_statistics
 
@@ -68,17 +67,12 @@ def routing_attention(
     if self_mask and not shared_qk:
         raise ValueError("self_mask is only meaningful with shared QK (k is q)")
     scale = logit_scale_value(logit_scale, dim)
-    ones = jnp.ones((batch, n), bool)
-    q_valid = ones if q_mask is None else q_mask.astype(bool)
-    k_valid = ones if kv_mask is None else kv_mask.astype(bool)
+    q_valid, k_valid = valid_or_all(q_mask, batch, n), valid_or_all(kv_mask, batch, n)
     # With shared QK and one mask, queries and keys are the same routed set: cluster once.
     same_routing = shared_qk and (kv_mask is q_mask)
 
     def head(qh, kh, vh, mu, qv, kv):
-        q_hat = normalize(qh, norm)
-        k_hat = q_hat if shared_qk else normalize(kh, norm)
-        s_q = centroid_scores(q_hat, mu)
-        s_k = s_q if shared_qk else centroid_scores(k_hat, mu)
+        q_hat, k_hat, s_q, s_k = route_scores(qh, kh, mu, norm=norm, shared_qk=shared_qk)
         args = (q_hat, k_hat, vh, s_q, s_k, qv, kv)
         kw = dict(window=window, causal=causal, scale=scale, self_mask=self_mask,
                   same_routing=same_routing)

@@ -9,16 +9,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from rtlib.attention.core import masked_attention
+from rtlib.attention.core import masked_attention, valid_or_all
 from rtlib.routing.assign import (
     Assignment,
     LogitScale,
     Norm,
     balanced_members,
-    centroid_scores,
     logit_scale_value,
     nearest_cluster,
-    normalize,
+    route_scores,
 )
 
 
@@ -85,16 +84,11 @@ def routing_attention_dense(
     if shared_qk is None:
         shared_qk = k is q
     scale = logit_scale_value(logit_scale, dim)
-    ones = jnp.ones((batch, n), bool)
-    q_valid = ones if q_mask is None else q_mask
-    k_valid = ones if kv_mask is None else kv_mask
+    q_valid, k_valid = valid_or_all(q_mask, batch, n), valid_or_all(kv_mask, batch, n)
     eye = jnp.eye(n, dtype=bool)
 
     def head(qh, kh, vh, mu, qv, kv):
-        q_hat = normalize(qh, norm)
-        k_hat = q_hat if shared_qk else normalize(kh, norm)
-        s_q = centroid_scores(q_hat, mu)
-        s_k = s_q if shared_qk else centroid_scores(k_hat, mu)
+        q_hat, k_hat, s_q, s_k = route_scores(qh, kh, mu, norm=norm, shared_qk=shared_qk)
         member, mask = routing_visibility(
             s_q, s_k, qv, kv, window=window, assignment=assignment, causal=causal
         )
