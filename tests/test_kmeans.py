@@ -109,3 +109,10 @@ def test_kmeans_functions_jit_and_vmap():
         state, counts, sums)
     for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(mapped), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_kmeans_init_never_seeds_from_padding():
+    x = jnp.concatenate([jnp.ones((3, 4)), jnp.full((5, 4), 100.0)])[None]  # 3 valid, 5 padded
+    valid = (jnp.arange(8) < 3)[None]
+    found = kmeans_init(x, 5, key=jax.random.key(0), iters=3, valid=valid)
+    np.testing.assert_array_equal(found, 1.0)

@@ -200,3 +200,10 @@ def test_demo_command_runs(capsys):
         assert main(["demo", str(TINY), "--steps", "2", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "valid bits/byte after 2 steps" in out and "parameters" in out
+
+
+def test_sequences_shorter_than_the_windows_run(tiny_model, getkey):
+    model, state = tiny_model
+    logits, stats = eqx.filter_jit(model)(tokens(getkey(), batch=2, n=10), state)
+    assert logits.shape == (2, 10, 256) and bool(jnp.all(jnp.isfinite(logits)))
+    np.testing.assert_array_equal(stats[0].counts.sum((1, 2)), [2 * 10 * 2] * 2)

@@ -186,8 +186,10 @@ def test_jit_vmap_and_bf16(getkey, assignment):
 
 def test_bad_arguments_raise_clear_errors(getkey):
     q, k, v, mu = make_inputs(getkey())
-    with pytest.raises(ValueError, match="window must be in"):
-        routing_attention(q, k, v, mu, window=N + 1)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        routing_attention(q, k, v, mu, window=0)
+    with pytest.raises(ValueError, match="k=None means shared QK"):
+        routing_attention(q, None, v, mu, window=4, shared_qk=False)
     # Literal-typed options are rejected by jaxtyping+beartype under test, by us otherwise.
     with pytest.raises((ValueError, TypeError)):
         routing_attention(q, k, v, mu, window=4, assignment="topk")
@@ -197,3 +199,36 @@ def test_bad_arguments_raise_clear_errors(getkey):
         routing_attention(q, k, v, mu, window=4, self_mask=True)
     with pytest.raises((ValueError, TypeError)):
         routing_attention(q, k, v, mu, window=4, norm="rms")
+
+
+@pytest.mark.parametrize("assignment", ["balanced", "causal"])
+def test_window_longer_than_the_sequence_acts_as_the_sequence(getkey, assignment):
+    q, _, v, mu = make_inputs(getkey())
+    long, _ = routing_attention(q, None, v, mu, window=N + 7, assignment=assignment)
+    exact, _ = routing_attention(q, None, v, mu, window=N, assignment=assignment)
+    assert max_abs(long, exact) == 0.0
+
+
+def test_shared_qk_spellings_agree_under_jit(getkey):
+    q, _, v, mu = make_inputs(getkey())
+    by_none = jax.jit(lambda q, v: routing_attention(q, None, v, mu, window=4))(q, v)
+    by_flag = jax.jit(lambda q, k, v: routing_attention(q, k, v, mu, window=4, shared_qk=True))(
+        q, jnp.zeros_like(q), v)
+    by_identity = routing_attention(q, q, v, mu, window=4)
+    for other in (by_flag, by_identity):
+        assert max_abs(by_none[0], other[0]) < 1e-6  # jit vs eager rounding only
+        assert max_abs(by_none[1].counts, other[1].counts) == 0.0
+    assert float(by_none[1].counts.sum()) == B * N * H  # each token counted once, not twice
+
+
+@pytest.mark.parametrize("assignment", ["balanced", "causal"])
+def test_nan_in_padded_rows_cannot_leak(getkey, assignment):
+    q, k, v, mu = make_inputs(getkey())
+    poisoned = [jnp.where(PADDING[:, :, None, None], x, jnp.nan) for x in (q, k, v)]
+    kw = dict(window=WINDOW[assignment], assignment=assignment, q_mask=PADDING, kv_mask=PADDING,
+              shared_qk=False)
+    out, stats = routing_attention(*poisoned, mu, **kw)
+    clean, clean_stats = routing_attention(q, k, v, mu, **kw)
+    assert bool(jnp.all(jnp.isfinite(out))) and max_abs(out, clean) == 0.0
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(stats))
+    assert max_abs(stats.sums, clean_stats.sums) == 0.0

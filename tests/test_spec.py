@@ -68,7 +68,8 @@ BAD_OVERRIDES = [
      ["model.attention.heads.1.window", "exceeds seq_len=64"]),
     (["model.attention.heads.1.assignment=topk"],
      ["model.attention.heads.1.assignment", "'balanced' or 'causal'"]),
-    (["model.attention.heads.1.kind=sparse"], ["model.attention.heads.1", "tag 'sparse'"]),
+    (["model.attention.heads.1.kind=sparse"],
+     ["model.attention.heads.1.kind", "unknown kind 'sparse'; expected one of local, routing"]),
     (["model.routing.skip_first=5"], ["model.routing.skip_first", "n_layers is 2"]),
     (["model.attention.heads.0.look_ahead=1"],
      ["model.attention.heads.0.look_ahead", "must be 0"]),
@@ -85,6 +86,14 @@ BAD_OVERRIDES = [
     (["model.attention.heads=[{kind: local, count: 2, window: 16}, "
       "{kind: local, count: 2, window: 16}]"], ["heads.1.kind", "listed twice"]),
     (["model.vocab_size=many"], ["model.vocab_size", "valid integer", "'many'"]),
+    (["model.attention.heads.1.kind=routng"],
+     ["model.attention.heads.1.kind", "unknown kind 'routng'", "did you mean 'routing'"]),
+    (["model.attention.heads.1.count=true"], ["model.attention.heads.1.count", "valid integer"]),
+    (["model.attention.heads.0.window=16.5"], ["model.attention.heads.0.window"]),
+    (["model.attention.heads.1.clusters=65"],
+     ["model.attention.heads.1.clusters", "cannot be initialised by k-means"]),
+    (["model.attention.heads=[{kind: routing, count: 4, clusters: 4, window: 16}]"],
+     ["model.embedding.positions", "no layer has any"]),
 ]
 
 
@@ -106,6 +115,7 @@ def test_bad_spec_messages(overrides, expected):
         ("", ["model", "Field required"]),
         ("nmae: x\n" + BASE.split("name: tiny\n", 1)[1], ["nmae", "did you mean 'name'"]),
         ("!!python/object/apply:os.system ['true']\n", ["invalid YAML"]),
+        ("name: a\nname: b\n", ["invalid YAML", "duplicate key 'name'"]),
     ],
 )
 def test_bad_files(tmp_path, text, expected):

@@ -26,6 +26,13 @@ def valid_or_all(
     return jnp.ones((batch, n), bool) if mask is None else mask.astype(bool)
 
 
+def zero_padding(
+    x: Float[Array, "batch seq *rest"], valid: Bool[Array, "batch seq"]
+) -> Float[Array, "batch seq *rest"]:
+    """Zero the padded rows, so that whatever they held (even NaN) cannot reach a sum."""
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+
+
 def masked_attention(
     q: Float[Array, "*batch q dim"],
     k: Float[Array, "*batch kv dim"],

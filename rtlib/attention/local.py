@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all
+from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all, zero_padding
 
 
 def local_attention(
@@ -37,6 +37,7 @@ def local_attention(
     scale = dim**-0.5 if scale is None else scale
     q_valid = valid_or_all(q_mask, batch, n)
     k_valid = valid_or_all(kv_mask, batch, n)
+    k, v = zero_padding(k, k_valid), zero_padding(v, k_valid)
 
     def one(qh, kh, vh, kv_ok):
         def visible(qi, ki):
@@ -67,7 +68,9 @@ def full_attention(
     batch, n, _, dim = q.shape
     scale = dim**-0.5 if scale is None else scale
     q_valid = valid_or_all(q_mask, batch, n)
-    mask = valid_or_all(kv_mask, batch, n)[:, None, None, :]
+    k_valid = valid_or_all(kv_mask, batch, n)
+    k, v = zero_padding(k, k_valid), zero_padding(v, k_valid)
+    mask = k_valid[:, None, None, :]
     if causal:
         mask = mask & jnp.tril(jnp.ones((n, n), bool))[None, None]
     out = masked_attention(

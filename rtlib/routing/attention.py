@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all
+from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all, zero_padding
 from rtlib.routing.assign import (
     Assignment,
     LogitScale,
@@ -21,7 +21,7 @@ ASSIGNMENTS = ("balanced", "causal")
 
 def routing_attention(
     q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"] | None,
     v: Float[Array, "batch seq heads vdim"],
     centroids: Float[Array, "heads clusters dim"],
     *,
@@ -37,16 +37,18 @@ def routing_attention(
 ) -> tuple[Float[Array, "batch seq heads vdim"], RoutingStats]:
     """Routing attention over `[batch, seq, heads, dim]` inputs; returns `(out, stats)`.
 
-    - `window`: the cluster size W. `assignment="balanced"` (the paper): each centroid takes its
+    - `window`: the cluster size W (at most the sequence length: a larger value acts as the
+      sequence length, so short sequences work). `assignment="balanced"` (the paper): each centroid takes its
       top-W tokens by score, a token may sit in 0, 1 or several clusters and gets the mean of its
       cluster outputs (zero if in none). `assignment="causal"`: each token joins its nearest
       centroid and attends to the W most recent same-cluster tokens at positions <= its own
       (with `causal=False`: the same-cluster tokens within W ranks on either side).
     - q and k are normalised (`norm`) for both routing and the attention logits, which are
       scaled by 1/sqrt(dim) (`logit_scale="rsqrt_dim"`) or not at all (`"none"`, paper code).
-    - Causal masking is by original token position. `shared_qk` (default: `k is q`) uses the
-      normalised queries as keys (any other `k` is ignored); `self_mask` then gives a token's own
-      key a -5e4 logit.
+    - Causal masking is by original token position. Shared QK (`k=None`, or `k is q`, or
+      `shared_qk=True`) uses the normalised queries as keys (any other `k` is ignored);
+      `self_mask` then gives a token's own key a -5e4 logit. Under `jax.jit`, `q` and `k` passed
+      as two arguments are two tracers, so say `k=None` or `shared_qk=True` there.
     - Padded queries (`q_mask` False) output zeros and padded tokens are excluded from the
       statistics; padded keys (`kv_mask` False) are never attended to.
     - `stats` (`RoutingStats`, summed over the batch) feeds `kmeans_update` and the commitment loss.
@@ -54,12 +56,17 @@ def routing_attention(
     All routing math and the softmax run in float32; the output has `v`'s dtype.
     """
     batch, n, heads, dim = q.shape
+    if window < 1:
+        raise ValueError(f"routing_attention: window must be >= 1, got {window}")
     if shared_qk is None:
-        shared_qk = k is q
+        shared_qk = k is None or k is q
+    if k is None:
+        if not shared_qk:
+            raise ValueError("k=None means shared QK; it cannot be combined with shared_qk=False")
+        k = q
+    window = min(window, n)
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"unknown assignment {assignment!r}; expected one of {ASSIGNMENTS}")
-    if not 1 <= window <= n:
-        raise ValueError(f"routing_attention: window must be in [1, seq={n}], got {window}")
     if centroids.shape[0] != heads or centroids.shape[-1] != dim:
         raise ValueError(
             f"centroids have shape {centroids.shape}; expected (heads={heads}, clusters, dim={dim})"
@@ -68,6 +75,10 @@ def routing_attention(
         raise ValueError("self_mask is only meaningful with shared QK (k is q)")
     scale = logit_scale_value(logit_scale, dim)
     q_valid, k_valid = valid_or_all(q_mask, batch, n), valid_or_all(kv_mask, batch, n)
+    # Padded rows may hold anything (even NaN): zero them so nothing can leak through 0 * x.
+    q, k, v = zero_padding(q, q_valid), zero_padding(k, k_valid), zero_padding(v, k_valid)
+    if shared_qk:
+        k = q
     # With shared QK and one mask, queries and keys are the same routed set: cluster once.
     same_routing = shared_qk and (kv_mask is q_mask)
 

@@ -63,6 +63,8 @@ def kmeans_init(
 ) -> Float[Array, "*lead clusters dim"]:
     """Data-dependent centroids: `num_clusters` distinct random valid points, then Lloyd steps.
 
+    Padded points (`valid` False) never seed or move a centroid; with fewer valid points than
+    clusters, valid points seed several centroids.
     Assignment is by dot product, as in routing. A cluster that loses all its points keeps its
     previous centre. Leading dims (e.g. heads) are independent problems with independent keys.
     """
@@ -78,7 +80,9 @@ def kmeans_init(
     def one(xs, ok, k):
         # Distinct valid points first: random priorities, invalid points last.
         priority = jnp.where(ok, jax.random.uniform(k, (m,)), 2.0)
-        mu = xs[jnp.argsort(priority)[:num_clusters]]
+        # With fewer valid points than clusters, seed the rest from valid points again.
+        n_valid = jnp.maximum(jnp.sum(ok), 1)
+        mu = xs[jnp.argsort(priority)[jnp.arange(num_clusters) % n_valid]]
 
         def lloyd(mu, _):
             assign = jnp.argmax(xs @ mu.T, axis=-1)

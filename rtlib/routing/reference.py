@@ -65,7 +65,7 @@ def routing_visibility(
 
 def routing_attention_dense(
     q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"] | None,
     v: Float[Array, "batch seq heads vdim"],
     centroids: Float[Array, "heads clusters dim"],
     *,
@@ -82,7 +82,12 @@ def routing_attention_dense(
     """Same contract as `routing_attention` (output only), computed with dense masks."""
     batch, n, _, dim = q.shape
     if shared_qk is None:
-        shared_qk = k is q
+        shared_qk = k is None or k is q
+    if k is None:
+        if not shared_qk:
+            raise ValueError("k=None means shared QK; it cannot be combined with shared_qk=False")
+        k = q
+    window = min(window, n)
     scale = logit_scale_value(logit_scale, dim)
     q_valid, k_valid = valid_or_all(q_mask, batch, n), valid_or_all(kv_mask, batch, n)
     eye = jnp.eye(n, dtype=bool)

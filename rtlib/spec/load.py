@@ -13,6 +13,30 @@ from pydantic import BaseModel, ValidationError
 from rtlib.spec.schema import Spec
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that rejects a key given twice in one mapping (instead of keeping the
+    last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load_unique(text: str) -> Any:
+    """Like `yaml.safe_load` (plain data only, no Python objects), but duplicate keys fail."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 class SpecError(ValueError):
     """A spec that cannot be used; `problems` holds one line per problem, `str()` all of them."""
 
@@ -33,7 +57,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     except OSError as e:
         raise SpecError(source, [f"cannot read spec file: {e.strerror or e}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load_unique(text)
     except yaml.YAMLError as e:
         raise SpecError(source, [f"invalid YAML: {e}"]) from None
     if data is None:
@@ -94,6 +118,14 @@ def _describe(err: dict, overridden: Sequence[str]) -> str:
         ctx = err["ctx"]
         path = ".".join(p for p in (path, ctx["path"]) if p)
         message = ctx["message"]
+    elif err["type"] == "union_tag_invalid":
+        tags = [t.strip(" '") for t in err["ctx"]["expected_tags"].split(",")]
+        tag = err["ctx"]["tag"]
+        path = f"{path}.kind" if path else "kind"
+        close = difflib.get_close_matches(str(tag), tags, n=1, cutoff=0.5)
+        message = f"unknown kind {tag!r}; expected one of {', '.join(tags)}"
+        if close:
+            message += f"; did you mean {close[0]!r}?"
     elif err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         valid = list(parent.model_fields) if parent is not None else []

@@ -15,7 +15,8 @@ HEAD_KINDS: tuple[HeadKind, ...] = ("local", "full", "routing")  # order of head
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `count: true` or `window: 16.5` are errors, not silently coerced.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class LocalHeads(Strict):
@@ -234,6 +235,15 @@ def _first_problem(m: ModelSpec) -> tuple[str, str] | None:
                     f"seq_len={m.seq_len}")
         if routing.self_mask and not routing.shared_qk:
             return f"attention.heads.{i}.self_mask", "requires shared_qk: true"
+    if routing is not None and m.routing.init == "kmeans" and routing.clusters > m.seq_len:
+        i = kinds.index("routing")
+        return (f"attention.heads.{i}.clusters", f"{routing.clusters} clusters cannot be "
+                f"initialised by k-means from sequences of {m.seq_len} tokens")
+    if m.embedding.positions == "rotary" and not any(c.local or c.full for c in plan) and not (
+            routing is not None and routing.rotary):
+        return ("embedding.positions", "rotary positions apply to local and full heads, and "
+                "no layer has any: the model would see no positions. Use `learned`, or set "
+                "`rotary: true` on the routing heads, or `none` to mean it")
     if m.embedding.dim is not None and m.embedding.dim > m.d_model:
         return "embedding.dim", f"factorised width {m.embedding.dim} exceeds d_model={m.d_model}"
     return None
