@@ -48,6 +48,17 @@ def centroid_scores(
     )
 
 
+def resolve_shared_qk(
+    q: Float[Array, "*shape"], k: Float[Array, "*shape"] | None, shared_qk: bool | None
+) -> tuple[Float[Array, "*shape"], bool]:
+    """(keys, shared?): shared QK is `k=None`, `k is q`, or `shared_qk=True` (k then ignored)."""
+    if shared_qk is None:
+        shared_qk = k is None or k is q
+    if k is None and not shared_qk:
+        raise ValueError("k=None means shared QK; it cannot be combined with shared_qk=False")
+    return (q if k is None else k), shared_qk
+
+
 def route_scores(
     q: Float[Array, "seq dim"],
     k: Float[Array, "seq dim"],

@@ -12,6 +12,7 @@ from rtlib.routing.assign import (
     balanced_members,
     logit_scale_value,
     nearest_cluster,
+    resolve_shared_qk,
     route_scores,
 )
 from rtlib.routing.stats import RoutingStats, assignment_statistics
@@ -58,12 +59,7 @@ def routing_attention(
     batch, n, heads, dim = q.shape
     if window < 1:
         raise ValueError(f"routing_attention: window must be >= 1, got {window}")
-    if shared_qk is None:
-        shared_qk = k is None or k is q
-    if k is None:
-        if not shared_qk:
-            raise ValueError("k=None means shared QK; it cannot be combined with shared_qk=False")
-        k = q
+    k, shared_qk = resolve_shared_qk(q, k, shared_qk)
     window = min(window, n)
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"unknown assignment {assignment!r}; expected one of {ASSIGNMENTS}")

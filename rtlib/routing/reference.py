@@ -17,6 +17,7 @@ from rtlib.routing.assign import (
     balanced_members,
     logit_scale_value,
     nearest_cluster,
+    resolve_shared_qk,
     route_scores,
 )
 
@@ -81,12 +82,7 @@ def routing_attention_dense(
 ) -> Float[Array, "batch seq heads vdim"]:
     """Same contract as `routing_attention` (output only), computed with dense masks."""
     batch, n, _, dim = q.shape
-    if shared_qk is None:
-        shared_qk = k is None or k is q
-    if k is None:
-        if not shared_qk:
-            raise ValueError("k=None means shared QK; it cannot be combined with shared_qk=False")
-        k = q
+    k, shared_qk = resolve_shared_qk(q, k, shared_qk)
     window = min(window, n)
     scale = logit_scale_value(logit_scale, dim)
     q_valid, k_valid = valid_or_all(q_mask, batch, n), valid_or_all(kv_mask, batch, n)
