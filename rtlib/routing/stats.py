@@ -1,7 +1,7 @@
 """Routing statistics: what one forward pass tells the centroid update and the loss.
 
 Every field is additive, so statistics from micro-batches, examples and data-parallel replicas
-combine by plain summation (`RoutingStats.sum`, or `jax.lax.psum` on the fields); the EMA
+combine by plain summation (`rtlib.sum_stats`, or `jax.lax.psum` on the fields); the EMA
 update and the derived metrics are computed from the sums.
 """
 
@@ -39,13 +39,6 @@ class RoutingStats(eqx.Module):
     def coverage(self) -> Float[Array, "*lead"]:
         """Fraction of non-padded queries that are in at least one cluster."""
         return self.covered / jnp.maximum(self.queries, 1.0)
-
-    def sum(self, axis: int = 0) -> "RoutingStats":
-        """Sum over one leading axis (batch, micro-batch, ...)."""
-        return jax.tree.map(lambda x: jnp.sum(x, axis=axis), self)
-
-    def __add__(self, other: "RoutingStats") -> "RoutingStats":
-        return jax.tree.map(jnp.add, self, other)
 
 
 def assignment_statistics(
