@@ -1,4 +1,4 @@
-"""The `rtlib` command line: validate, inspect, demo."""
+"""The `rtlib` command line: data prepare, train, eval, generate, plot, validate, inspect."""
 
 import argparse
 import json
@@ -7,14 +7,9 @@ from pathlib import Path
 
 from rtlib.spec.load import SpecError, load_spec
 
-EXIT_SPEC_ERROR = 2
-
-
-def _default_spec() -> str:
-    here = Path("specs/tiny.yaml")
-    if here.exists():
-        return str(here)
-    return str(Path(__file__).resolve().parent.parent / "specs" / "tiny.yaml")
+EXIT_ERROR = 1  # data, run directory or checkpoint problems
+EXIT_USAGE = 2  # an invalid spec or argument
+EXIT_NON_FINITE = 3
 
 
 def _cmd_validate(args) -> int:
@@ -47,25 +42,146 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from rtlib.demo import run_demo
+def _cmd_prepare(args) -> int:
+    from rtlib.data.prepare import prepare
 
-    spec = load_spec(args.spec, args.overrides)
-    run_demo(spec, steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr)
+    m = prepare(args.source, args.out, kind=args.kind, glob=args.glob, valid=args.valid,
+                test=args.test, seed=args.seed, doc_bytes=args.doc_bytes, force=args.force)
+    counts = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} documents"
+                       for s, v in m["splits"].items())
+    print(f"{args.out}: {counts}; source sha256 {m['source']['sha256'][:16]}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _cmd_train(args) -> int:
+    import signal
+
+    from rtlib.train.loop import train
+
+    spec = load_spec(args.spec, args.overrides)
+    result = train(spec, progress=not args.no_progress)
+    return 128 + signal.Signals[result.stopped_by] if result.stopped_by else 0
+
+
+def _cmd_eval(args) -> int:
+    from rtlib.data.store import TokenStore
+    from rtlib.evaluate import evaluate
+    from rtlib.train.run_dir import load_run
+
+    spec, ts, step = load_run(args.run_dir, args.step)
+    store = TokenStore.open(args.data or spec.data.path)
+    out = evaluate(ts.model, ts.routing, store, args.split,
+                   batch_size=args.batch_size or spec.train.batch_size,
+                   max_tokens=args.max_tokens)
+    print(json.dumps({"run_dir": str(args.run_dir), "step": step,
+                      "data": args.data or spec.data.path, **out}))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import jax
+
+    from rtlib.data.tokenizer import ByteTokenizer
+    from rtlib.sample import BadArgument, Sampling, generate
+    from rtlib.train.run_dir import load_run
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 0:
+        raise BadArgument(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise BadArgument("--prompt is empty: give at least one character")
+
+    spec, ts, _ = load_run(args.run_dir, args.step)
+    sampling.check(spec.model.vocab_size)
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    pending = bytearray()
+
+    def stream(token: int) -> None:  # print whole UTF-8 characters as they complete
+        pending.append(token)
+        try:
+            text = pending.decode("utf-8")
+        except UnicodeDecodeError:
+            if len(pending) < 4:
+                return
+            text = pending.decode("utf-8", errors="replace")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        pending.clear()
+
+    generate(ts.model, ts.routing, prompt, max_new_tokens=args.max_new_tokens,
+             sampling=sampling, key=jax.random.key(args.seed), on_token=stream)
+    if pending:
+        sys.stdout.write(pending.decode("utf-8", errors="replace"))
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from rtlib.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtlib", description="Routing Transformer in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def spec_args(p, default=None):
-        if default is None:
-            p.add_argument("spec", help="path to a YAML spec")
-        else:
-            p.add_argument("spec", nargs="?", default=default, help="path to a YAML spec")
+    def spec_args(p):
+        p.add_argument("spec", help="path to a YAML spec")
         p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted overrides, e.g. model.n_layers=4 (values parsed as YAML)")
+                       help="dotted overrides, e.g. train.steps=100 run.dir=runs/x (values "
+                       "parsed as YAML)")
+
+    p = sub.add_parser("data", help="token stores")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="tokenise a corpus into a token store")
+    p.add_argument("source", help="`default` (the Python stdlib source of this interpreter), "
+                   "a text file, a directory, a directory of PNG/JPEG images or an .npy array")
+    p.add_argument("out", help="output directory or tensorstore kvstore URL")
+    p.add_argument("--glob", help="files to take from a directory (default: all, `**/*`)")
+    p.add_argument("--kind", choices=["auto", "text", "images"], default="auto",
+                   help="auto: images for .npy files and directories holding only images")
+    p.add_argument("--valid", type=float, default=0.05, help="validation share of documents")
+    p.add_argument("--test", type=float, default=0.05, help="test share of documents")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--doc-bytes", type=int, default=65536,
+                   help="a single text file is cut at line breaks into documents of this size")
+    p.add_argument("--force", action="store_true", help="replace an existing token store")
+    p.set_defaults(fn=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train (or resume) the run directory `run.dir` of a spec")
+    spec_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eval", help="score a trained run; prints one JSON object")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--data", help="another prepared token store to evaluate on")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("plot", help="PNG of the training and validation curves of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output file (default RUN_DIR/curves.png)")
+    p.set_defaults(fn=_cmd_plot)
 
     p = sub.add_parser("validate", help="check a spec; exit 2 with the reasons if it is invalid")
     spec_args(p)
@@ -74,20 +190,40 @@ def main(argv: list[str] | None = None) -> int:
     spec_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=_cmd_inspect)
-    p = sub.add_parser("demo", help="a short end-to-end run on the embedded default corpus")
-    spec_args(p, default=_default_spec())
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    p.set_defaults(fn=_cmd_demo)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    from rtlib.data.sources import SourceError
+    from rtlib.sample import BadArgument
+    from rtlib.data.store import StoreError
+    from rtlib.train.checkpoint import CheckpointError
+    from rtlib.train.loop import NonFiniteLoss
+    from rtlib.train.run_dir import RunError
+
+    parser = _parser()
+    # Overrides may come after options (`train spec --no-progress a.b=1`), which plain
+    # argparse rejects for a positional list: take the leftovers that look like overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                    for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_SPEC_ERROR
+        return EXIT_USAGE
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except (SourceError, StoreError, CheckpointError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BadArgument as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

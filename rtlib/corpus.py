@@ -1,27 +1,29 @@
 """The embedded default corpus: the Python standard library source of the running interpreter.
 
-Real text present on every machine with Python, so examples run offline.
+Real text present on every machine with Python, so the README's main command runs offline.
+Third-party packages (`site-packages`) and the stdlib's own test suites are left out: the first
+differ between machines, the second are mostly generated-looking fixtures.
 """
 
 import sysconfig
 from pathlib import Path
+
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
+                           "__pycache__"})
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def default_corpus_bytes(limit: int) -> bytes:
-    """The first `limit` bytes of the stdlib's top-level `.py` files, in sorted path order."""
+def default_corpus_files() -> tuple[Path, list[Path]]:
+    """(root, the stdlib's `.py` files under it in sorted relative-path order)."""
     root = stdlib_root()
-    files = sorted(root.glob("*.py"))
+    files = sorted(
+        (p for p in root.rglob("*.py")
+         if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     if not files:
         raise FileNotFoundError(f"no Python source files under {root}: is the stdlib installed?")
-    chunks, total = [], 0
-    for path in files:
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return b"".join(chunks)[:limit]
+    return root, files

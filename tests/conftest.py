@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Fake CPU devices must be configured before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -29,3 +30,26 @@ def tree_max_abs(a, b) -> float:
 def assert_tree_allclose(a, b, rtol=1e-5, atol=1e-6):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def write_corpus(root: Path, n_docs: int = 12) -> dict[str, bytes]:
+    docs = {}
+    for i in range(n_docs):
+        name = f"sub{i % 3}/doc{i:02d}.txt"
+        data = "".join(f"line {j} of document {i}: {'é' * (j % 3)}\n" for j in range(20 + i))
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data, encoding="utf-8")
+        docs[name] = data.encode()
+    return docs
+
+
+@pytest.fixture(scope="session")
+def text_store(tmp_path_factory) -> str:
+    """A small prepared token store of very regular text: models learn it in a few steps."""
+    from rtlib.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("text_store")
+    write_corpus(root / "corpus", 40)
+    prepare(str(root / "corpus"), str(root / "store"), progress=False)
+    return str(root / "store")

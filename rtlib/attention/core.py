@@ -86,11 +86,11 @@ def blocked_attention(
     nb = (n + pad) // block
     width = look_back + 1 + look_ahead
 
-    def blocks(x: Array, fill: int | float = 0) -> Array:
+    def blocks(x: Array, fill: float | int = 0) -> Array:
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
         return x.reshape(nb, block, *x.shape[1:])
 
-    def windows(xb: Array, fill: int | float) -> Array:
+    def windows(xb: Array, fill: float | int) -> Array:
         # Key windows by static shifts of the block axis: no gather.
         padded = jnp.pad(
             xb,

@@ -1,6 +1,7 @@
 """Reading spec files: YAML (safe_load only), dotted overrides, and errors people can act on."""
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -15,7 +16,8 @@ from rtlib.spec.schema import Spec
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.safe_load` that rejects a key given twice in one mapping (instead of keeping the
-    last silently)."""
+    last silently) and reads `1e-3` as a number, as YAML 1.2 does (PyYAML's YAML 1.1 rules make
+    it a string, a trap for learning rates)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -26,6 +28,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_Y12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _Y12_FLOAT,
+                                       list("-+0123456789."))
 
 
 def _safe_load_unique(text: str) -> Any:
@@ -77,7 +84,7 @@ def apply_overrides(data: dict, overrides: Iterable[str], source: str = "<overri
         if not sep or not key:
             raise SpecError(source, [f"override {item!r} must look like dotted.key=value"])
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _safe_load_unique(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise SpecError(source, [f"override {item!r}: value is not valid YAML: {e}"]) from None
         parts = key.split(".")

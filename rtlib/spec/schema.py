@@ -249,9 +249,93 @@ def _first_problem(m: ModelSpec) -> tuple[str, str] | None:
     return None
 
 
+class TrainSpec(Strict):
+    """Optimisation: steps, batch, optimiser, schedule, precision (`rtlib train`)."""
+
+    steps: int = Field(1000, ge=0, description="Optimiser steps in the whole run (a resumed run "
+                       "continues up to this step).")
+    batch_size: int = Field(8, ge=1, description="Sequences per optimiser step (global, over "
+                            "all processes).")
+    micro_batches: int = Field(1, ge=1, description="Split each batch into this many "
+                               "micro-batches (gradient accumulation); routing statistics are "
+                               "summed over them and the centroids take one EMA step per "
+                               "optimiser step.")
+    optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="optax optimiser.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    schedule: Literal["constant", "cosine", "rsqrt"] = Field(
+        "rsqrt", description="After linear warm-up: lr x sqrt(warmup_steps / step) (the "
+        "paper), constant, or cosine decay to `min_lr_ratio` x lr at step `decay_steps`.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps from 0 to lr.")
+    decay_steps: int | None = Field(None, ge=1, description="Where the cosine schedule reaches "
+                                    "its minimum; default `steps`. Set it when a run may be "
+                                    "extended by raising `steps`, or the extension changes the "
+                                    "learning rates of steps already planned.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr of the cosine schedule, "
+                                "as a fraction of lr.")
+    b1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (Adafactor: momentum, 0 = "
+                      "none).")
+    b2: float = Field(0.99, gt=0, lt=1, description="AdamW beta2 (Adafactor: decay rate).")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay, applied to "
+                                "projection and embedding matrices only (not to norms, biases "
+                                "or learned positions).")
+    clip_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm; "
+                                    "null: no clipping.")
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of matmuls and activations; parameters, optimiser state "
+        "and routing math stay float32.")
+
+
+class DataSpec(Strict):
+    """Where the prepared token store is and how it is read."""
+
+    path: str = Field("data/stdlib", description="Token store made by `rtlib data prepare`: a "
+                      "local directory or a tensorstore kvstore URL.")
+    eval_tokens: int = Field(65536, ge=1, description="Tokens of the validation split scored by "
+                             "each periodic evaluation (`rtlib eval` scores the whole split).")
+    read_threads: int = Field(2, ge=1, description="grain reader threads.")
+    prefetch: int = Field(4, ge=1, description="Batches grain reads ahead.")
+
+
+class RunSpec(Strict):
+    """The run directory, logging, evaluation, checkpoints."""
+
+    dir: str | None = Field(None, description="Run directory (checkpoints, metrics.jsonl, "
+                            "spec.yaml); default `runs/<name>`. An existing run is resumed.")
+    seed: int = Field(0, description="Seed of initialisation, dropout and data order.")
+    log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl lines.")
+    eval_every: int = Field(100, ge=0, description="Steps between validation evaluations "
+                            "(0: only at the end).")
+    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints (0: only "
+                                  "by time, at the end, and on SIGTERM/SIGINT).")
+    checkpoint_minutes: float | None = Field(10.0, gt=0, description="Also checkpoint when "
+                                             "this many minutes passed since the last one.")
+    keep: int = Field(3, ge=1, description="Checkpoints kept (the newest).")
+    sample_tokens: int = Field(200, ge=0, description="Bytes sampled after training and "
+                               "printed (0: none).")
+    sample_prompt: str = Field("def ", description="Prompt of that sample.")
+
+
 class Spec(Strict):
     """A whole spec file."""
 
     name: str | None = Field(None, description="Short name of this configuration.")
     description: str = Field("", description="What this configuration is for, and its source.")
     model: ModelSpec = Field(description="The network.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
+    run: RunSpec = Field(default_factory=RunSpec, description="Run directory, logging, "
+                         "checkpoints.")
+
+    @model_validator(mode="after")
+    def _train_checks(self) -> "Spec":
+        t = self.train
+        if t.batch_size % t.micro_batches:
+            raise PydanticCustomError(
+                "spec_conflict", "{path}: {message}",
+                {"path": "train.micro_batches", "message": f"batch_size={t.batch_size} is not "
+                 f"divisible by micro_batches={t.micro_batches}"})
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir or f"runs/{self.name or 'run'}"

@@ -1,0 +1,70 @@
+"""grain pipelines over a token store: random training windows, and ordered evaluation windows.
+
+Training: an epoch is the split cut into windows of `seq_len + 1` tokens; each epoch visits them
+in a seeded shuffled order (a new order every epoch) and shifts each window by a seeded random
+jitter, so every offset can be seen. The global stream is dealt round-robin to processes
+(element i goes to process i mod P), so P processes together read exactly what one process
+would. The iterator's state (one integer per process) goes into checkpoints.
+"""
+
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from rtlib.data.store import StoreError, TokenStore
+
+
+def train_dataset(store: TokenStore, split: str, *, seq_len: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Batches of int32 [batch_size // process_count, seq_len + 1] for this process."""
+    if batch_size % process_count:
+        raise ValueError(f"global batch {batch_size} is not divisible by {process_count} "
+                         "processes")
+    span = seq_len + 1
+    total = store.num_tokens(split)
+    if total < span:
+        raise StoreError(f"{store.location}: split {split!r} has {total} tokens, fewer than "
+                         f"seq_len + 1 = {span}: use a larger corpus or a shorter seq_len")
+    windows = total // span
+    last = total - span
+
+    def read(window: int, rng: np.random.Generator) -> np.ndarray:
+        start = min(window * span + int(rng.integers(0, span)), last)
+        return store.read(split, start, start + span)
+
+    return (grain.MapDataset.range(windows)
+            .shuffle(seed=seed)
+            .repeat()
+            .random_map(read, seed=seed + 1)  # before sharding: jitter keyed by global index
+            [process_index::process_count]
+            .batch(batch_size // process_count, drop_remainder=True))
+
+
+def train_iterator(dataset: grain.MapDataset, *, threads: int, prefetch: int):
+    """A checkpointable iterator (`get_state` / `set_state`)."""
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                          prefetch_buffer_size=prefetch)))
+
+
+def eval_batches(store: TokenStore, split: str, *, seq_len: int, batch_size: int,
+                 max_tokens: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive windows scoring every target token of the split's first `max_tokens + 1`
+    tokens exactly once: (tokens int32 [batch, seq_len + 1], mask bool [batch, seq_len + 1]).
+    The last window and the last batch are padded; padding is masked out."""
+    total = store.num_tokens(split)
+    if max_tokens is not None:
+        total = min(total, max_tokens + 1)
+    if total < 2:
+        raise StoreError(f"{store.location}: split {split!r} has {total} tokens: nothing to "
+                         "evaluate")
+    starts = list(range(0, total - 1, seq_len))
+    for b in range(0, len(starts), batch_size):
+        tokens = np.zeros((batch_size, seq_len + 1), np.int32)
+        mask = np.zeros((batch_size, seq_len + 1), bool)
+        for row, start in enumerate(starts[b:b + batch_size]):
+            piece = store.read(split, start, min(start + seq_len + 1, total))
+            tokens[row, :len(piece)] = piece
+            mask[row, :len(piece)] = True
+        yield tokens, mask

@@ -1,0 +1,107 @@
+"""`rtlib data prepare`: documents -> deterministic train/valid/test split -> token store."""
+
+import datetime
+import hashlib
+import json
+
+import numpy as np
+from tqdm import tqdm
+
+from rtlib.data.sources import Document, SourceError, collect
+from rtlib.data.store import FORMAT, MANIFEST, SPLITS, StoreError, open_kvstore, split_array
+from rtlib.data.tokenizer import ByteTokenizer
+
+WRITE_BLOCK = 8 << 20  # bytes buffered per tensorstore write
+
+
+def assign_splits(ids: list[str], *, valid: float, test: float, seed: int) -> dict[str, list[int]]:
+    """Indices of documents per split. Documents are ranked by a seeded hash of their id, so a
+    document's split depends only on its name, the seed and the corpus size, never on file
+    contents or listing order. Each non-zero fraction gets at least one document."""
+    if not 0 <= valid < 1 or not 0 <= test < 1 or valid + test >= 1:
+        raise ValueError(f"split fractions valid={valid}, test={test} must be in [0, 1) and sum "
+                         "to less than 1")
+    wanted = [int(f > 0) for f in (valid, test)]
+    if len(ids) < 1 + sum(wanted):
+        raise SourceError(f"{len(ids)} document(s) cannot be split into train"
+                          f"{'/valid' if valid else ''}{'/test' if test else ''}: need at least "
+                          f"{1 + sum(wanted)}")
+    rank = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode())
+                  .digest())
+    n_test = max(wanted[1], round(test * len(ids)))
+    n_valid = max(wanted[0], round(valid * len(ids)))
+    n_valid = min(n_valid, len(ids) - 1 - n_test)
+    out = {"test": sorted(rank[:n_test]), "valid": sorted(rank[n_test:n_test + n_valid]),
+           "train": sorted(rank[n_test + n_valid:])}
+    return {s: out[s] for s in SPLITS}
+
+
+def prepare(source: str, out: str, *, kind: str = "auto", glob: str | None = None,
+            valid: float = 0.05, test: float = 0.05, seed: int = 0, doc_bytes: int = 65536,
+            force: bool = False, progress: bool = True) -> dict:
+    """Tokenise `source` into a token store at `out`; returns the manifest.
+
+    An existing complete store is never overwritten unless `force`. The manifest is written
+    last: an interrupted run leaves no manifest, so nothing half-written is ever read.
+    """
+    kv = open_kvstore(out)
+    if kv.read(MANIFEST).result().state == "value" and not force:
+        raise StoreError(f"{out}: a token store is already there; pass --force to replace it")
+    docs, described = collect(source, kind=kind, glob=glob, doc_bytes=doc_bytes)
+    tokenizer = ByteTokenizer()
+    chosen = assign_splits([d.id for d in docs], valid=valid, test=test, seed=seed)
+    digest = hashlib.sha256()
+    splits = {}
+    with tqdm(total=len(docs), desc=f"prepare {out}", unit="doc", disable=not progress) as bar:
+        for split, idx in chosen.items():
+            splits[split] = _write_split(out, split, [docs[i] for i in idx], tokenizer, digest,
+                                         bar)
+    total = sum(s["tokens"] for s in splits.values())
+    if total == 0:
+        raise SourceError(f"{source}: the corpus is empty (0 bytes in {len(docs)} document(s))")
+    manifest = {
+        "format": FORMAT, "version": 1,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "tokenizer": tokenizer.describe(), "dtype": np.dtype(tokenizer.dtype).name,
+        "source": {**described, "documents": len(docs), "sha256": digest.hexdigest()},
+        "split": {"valid": valid, "test": test, "seed": seed, "by": "document"},
+        "splits": splits,
+    }
+    kv.write(MANIFEST, json.dumps(manifest, indent=1).encode()).result()
+    return manifest
+
+
+def _write_split(out: str, split: str, docs: list[Document], tokenizer: ByteTokenizer, digest,
+                 bar) -> dict:
+    """Write one split. Its bytes are held in memory once (the array is created at its final
+    length); corpora larger than memory need a streaming writer, not needed so far."""
+    blobs, sizes, names = [], [], []
+    for d in docs:
+        data = d.load()
+        if data:
+            blobs.append(data)
+            sizes.append(len(data))
+            names.append(d.id)
+        bar.update(1)
+    boundaries = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    array = split_array(out, split, create_shape=int(boundaries[-1]), dtype=tokenizer.dtype)
+    pos, buffer, buffered = 0, [], 0
+    for name, data in zip(names, blobs, strict=True):
+        digest.update(f"{split}\0{name}\0{len(data)}\0".encode())
+        digest.update(data)
+        buffer.append(data)
+        buffered += len(data)
+        if buffered >= WRITE_BLOCK:
+            pos = _flush(array, pos, buffer)
+            buffer, buffered = [], 0
+    _flush(array, pos, buffer)
+    return {"tokens": int(boundaries[-1]), "bytes": int(boundaries[-1]), "documents": len(names),
+            "boundaries": boundaries[:-1].tolist()}
+
+
+def _flush(array, pos: int, buffer: list[bytes]) -> int:
+    if not buffer:
+        return pos
+    data = np.frombuffer(b"".join(buffer), np.uint8)
+    array[pos:pos + len(data)].write(data).result()
+    return pos + len(data)

@@ -1,0 +1,120 @@
+"""Where documents come from: the embedded default corpus, one text file, a directory tree, or
+images (a directory of PNG/JPEG files or an `.npy` array), each yielding `Document`s."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rtlib.corpus import default_corpus_files
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_SOURCE = "default"
+
+
+class SourceError(ValueError):
+    """A corpus that cannot be read; the message names the path and the reason."""
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # stable name: the split of a document depends only on this and the seed
+    load: Callable[[], bytes]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def file_documents(root: Path, files: list[Path]) -> list[Document]:
+    return [Document(p.relative_to(root).as_posix(), lambda p=p: _read(p)) for p in files]
+
+
+def text_file_documents(path: Path, doc_bytes: int) -> list[Document]:
+    """One file cut at line breaks into documents of about `doc_bytes`, so it can be split."""
+    data = _read(path)
+    docs, start = [], 0
+    while start < len(data):
+        stop = min(len(data), start + doc_bytes)
+        if stop < len(data):
+            newline = data.rfind(b"\n", start, stop)
+            stop = newline + 1 if newline > start else stop
+        docs.append(Document(f"{path.name}:{start}", lambda a=start, b=stop: data[a:b]))
+        start = stop
+    return docs
+
+
+def image_documents(source: Path) -> tuple[list[Document], list[int]]:
+    """Images as documents of channel bytes (row-major H x W x C); returns the image shape."""
+    if source.suffix == ".npy":
+        try:
+            arr = np.load(source, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{source}: not a readable .npy array: {e}") from None
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) == 0:
+            raise SourceError(f"{source}: expected a non-empty uint8 array [N, H, W] or "
+                              f"[N, H, W, C], got {arr.dtype} {list(arr.shape)}")
+        return ([Document(f"{i:08d}", lambda i=i: np.ascontiguousarray(arr[i]).tobytes())
+                 for i in range(len(arr))], list(arr.shape[1:]))
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SourceError(f"{source}: no {'/'.join(IMAGE_SUFFIXES)} images found")
+    first = _load_image(files[0])
+
+    def load(p: Path) -> bytes:
+        img = _load_image(p)
+        if img.shape != first.shape:
+            raise SourceError(f"{p}: image shape {list(img.shape)} differs from "
+                              f"{list(first.shape)} of {files[0]}")
+        return img.tobytes()
+
+    return ([Document(p.relative_to(source).as_posix(), lambda p=p: load(p)) for p in files],
+            list(first.shape))
+
+
+def _only_images(directory: Path) -> bool:
+    files = [p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() in IMAGE_SUFFIXES for p in files)
+
+
+def _load_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise SourceError(f"{path}: cannot read as an image: {e}") from None
+
+
+def collect(source: str, *, kind: str = "auto", glob: str | None = None,
+            doc_bytes: int = 65536) -> tuple[list[Document], dict]:
+    """Documents of `source` and a description of it for the manifest."""
+    if source == DEFAULT_SOURCE:
+        root, files = default_corpus_files()
+        return file_documents(root, files), {"kind": "default", "path": str(root),
+                                             "glob": "**/*.py (no tests, no site-packages)"}
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(f"{source}: no such file or directory (use `default` for the "
+                          "embedded corpus)")
+    if kind == "auto":
+        kind = "images" if path.suffix == ".npy" or (path.is_dir() and glob is None and
+                                                      _only_images(path)) else "text"
+    if kind == "images":
+        docs, shape = image_documents(path)
+        return docs, {"kind": "images", "path": str(path.resolve()), "image_shape": shape}
+    if path.is_file():
+        return text_file_documents(path, doc_bytes), {"kind": "text", "path": str(path.resolve()),
+                                                      "doc_bytes": doc_bytes}
+    pattern = glob or "**/*"
+    files = sorted((p for p in path.glob(pattern) if p.is_file()),
+                   key=lambda p: p.relative_to(path).as_posix())
+    if not files:
+        raise SourceError(f"{source}: no files match {pattern!r}")
+    return file_documents(path, files), {"kind": "text", "path": str(path.resolve()),
+                                         "glob": pattern}

@@ -1,0 +1,96 @@
+"""Token stores: one zarr3 array of token ids per split, written and read with tensorstore, plus
+`manifest.json` (tokenizer, counts, document boundaries, source digest).
+
+A location is a local directory or any tensorstore kvstore URL (`file:///abs/dir/`, `gs://b/p/`,
+`memory://x/`). The manifest is written last, so a store without one is incomplete and is never
+read.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+from rtlib.data.tokenizer import ByteTokenizer, tokenizer_from_manifest
+
+MANIFEST = "manifest.json"
+FORMAT = "rtlib-token-store"
+SPLITS = ("train", "valid", "test")
+CHUNK = 1 << 20  # tokens per zarr chunk: 1 MiB of bytes, a good unit for local and object stores
+
+
+class StoreError(ValueError):
+    """A token store that is missing, incomplete or unusable; the message says which and why."""
+
+
+def kvstore_url(location: str) -> str:
+    """A tensorstore kvstore URL for a local path or URL, always ending in '/'."""
+    url = location if "://" in location else Path(location).expanduser().resolve().as_uri()
+    return url if url.endswith("/") else url + "/"
+
+
+def open_kvstore(location: str) -> ts.KvStore:
+    try:
+        return ts.KvStore.open(kvstore_url(location)).result()
+    except Exception as e:  # tensorstore raises ValueError subclasses with terse text
+        raise StoreError(f"{location}: cannot open as a tensorstore kvstore: {e}") from None
+
+
+def split_array(location: str, split: str, *, create_shape: int | None = None,
+                dtype=np.uint8) -> ts.TensorStore:
+    spec = {"driver": "zarr3", "kvstore": kvstore_url(location) + f"{split}.zarr/"}
+    if create_shape is None:
+        return ts.open(spec, open=True, read=True).result()
+    return ts.open(spec, create=True, delete_existing=True, dtype=ts.dtype(np.dtype(dtype).name),
+                   shape=[create_shape],
+                   chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, min(CHUNK,
+                                                                       create_shape))])).result()
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    location: str
+    manifest: dict
+    arrays: dict  # split -> tensorstore array
+
+    @classmethod
+    def open(cls, location: str) -> "TokenStore":
+        kv = open_kvstore(location)
+        found = kv.read(MANIFEST).result()
+        if found.state != "value":
+            raise StoreError(f"{location}: no token store here ({MANIFEST} is missing; an "
+                             f"interrupted `rtlib data prepare` also leaves none). Make one with "
+                             f"`rtlib data prepare SOURCE {location}`")
+        try:
+            manifest = json.loads(bytes(found.value))
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
+            arrays = {s: split_array(location, s) for s in manifest["splits"]}
+        except Exception as e:
+            raise StoreError(f"{location}: unreadable token store: {e}") from None
+        for split, info in manifest["splits"].items():
+            if arrays[split].shape[0] != info["tokens"]:
+                raise StoreError(f"{location}: split {split!r} holds {arrays[split].shape[0]} "
+                                 f"tokens, the manifest says {info['tokens']}: the store is "
+                                 "damaged; prepare it again")
+        return cls(location, manifest, arrays)
+
+    @property
+    def tokenizer(self) -> ByteTokenizer:
+        return tokenizer_from_manifest(self.manifest["tokenizer"])
+
+    def num_tokens(self, split: str) -> int:
+        self._check_split(split)
+        return int(self.manifest["splits"][split]["tokens"])
+
+    def read(self, split: str, start: int, stop: int) -> np.ndarray:
+        """Token ids [start, stop) of a split as int32."""
+        self._check_split(split)
+        return np.asarray(self.arrays[split][start:stop].read().result(), np.int32)
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.manifest["splits"]:
+            raise StoreError(f"{self.location}: no split {split!r}; it has "
+                             f"{', '.join(self.manifest['splits'])}")

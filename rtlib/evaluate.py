@@ -1,0 +1,46 @@
+"""Scoring a model on a split of a token store: nll, bits per token and per byte, perplexity."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Bool, Float, Int
+
+from rtlib.data.pipeline import eval_batches
+from rtlib.data.store import TokenStore
+from rtlib.nn.model import RoutingTransformer
+from rtlib.routing import RoutingState
+
+
+@eqx.filter_jit
+def _nll_sum(model: RoutingTransformer, routing: RoutingState,
+             tokens: Int[Array, "batch seq_plus_one"], mask: Bool[Array, "batch seq_plus_one"]
+             ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    logits, _ = model(tokens[:, :-1], routing, mask=mask[:, :-1], inference=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         tokens[:, 1:])
+    weight = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)
+    return jnp.sum(ce * weight), jnp.sum(weight)
+
+
+def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore, split: str, *,
+             batch_size: int, max_tokens: int | None = None) -> dict:
+    """Every target token of the split (or its first `max_tokens`) scored once, in consecutive
+    windows of the model's seq_len. Byte-level tokens: bits per byte = bits per token."""
+    total_nll, total = 0.0, 0.0
+    for tokens, mask in eval_batches(store, split, seq_len=model.seq_len, batch_size=batch_size,
+                                     max_tokens=max_tokens):
+        nll, count = _nll_sum(model, routing, jnp.asarray(tokens), jnp.asarray(mask))
+        total_nll += float(nll)
+        total += float(count)
+    nll = total_nll / total
+    bytes_per_token = 1.0  # byte tokenizer; a subword tokenizer would record its ratio
+    return {"split": split, "tokens": int(total), "nll": nll, "bits_per_token": nll / math.log(2),
+            "bits_per_byte": nll / math.log(2) / bytes_per_token, "perplexity": math.exp(nll)}
+
+
+def bits(nats: float | np.floating | jax.Array) -> float:
+    return float(nats) / math.log(2)

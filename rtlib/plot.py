@@ -1,0 +1,42 @@
+"""`rtlib plot`: training and validation curves of a run, from its metrics.jsonl, as a PNG."""
+
+import json
+from pathlib import Path
+
+from rtlib.train.run_dir import METRICS_FILE, RunError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {METRICS_FILE} (has this run taken a step yet?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if "split" not in r]
+    valid = [r for r in records if r.get("split") == "valid"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot([r["step"] for r in train], [r["bits_per_byte"] for r in train],
+                label="train (batch)", lw=1)
+    if valid:
+        ax.plot([r["step"] for r in valid], [r["bits_per_byte"] for r in valid], "o-",
+                label="valid", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(out) if out else run_dir / "curves.png"
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,239 @@
+"""`rtlib train`: the training job. Resumes an existing run directory exactly where it stopped.
+
+Per step: one grain batch, one jitted step (donating the previous state), a finiteness check.
+Every `run.log_every` steps a line in metrics.jsonl; every `run.eval_every` steps a validation
+line; checkpoints every `run.checkpoint_every` steps or `run.checkpoint_minutes`, at the end and
+on SIGTERM/SIGINT. A resumed run reproduces an uninterrupted one bit for bit: the checkpoint
+holds every array that changes, the RNG key and the data iterator's position.
+"""
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from rtlib.build import count_parameters
+from rtlib.data.pipeline import train_dataset, train_iterator
+from rtlib.data.store import StoreError, TokenStore
+from rtlib.evaluate import evaluate
+from rtlib.sample import Sampling, generate
+from rtlib.spec.schema import Spec
+from rtlib.train.checkpoint import Checkpointer
+from rtlib.train.optim import learning_rate
+from rtlib.train.run_dir import (
+    METRICS_FILE,
+    check_compatible,
+    fresh_state,
+    write_spec,
+)
+from rtlib.train.step import init_routing, train_step_for
+
+LN2 = math.log(2)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)  # every step's loss of this invocation
+    eval: dict | None = None
+    stopped_by: str | None = None  # signal name when interrupted
+    sample: str | None = None
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints after the current step and returns."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals are not ours to take
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Metrics:
+    """metrics.jsonl: appended and flushed line by line; on resume, lines after the restored
+    step (written after the last checkpoint, and about to be recomputed) are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _open_data(spec: Spec) -> TokenStore:
+    store = TokenStore.open(spec.data.path)
+    vocab = store.tokenizer.vocab_size
+    if vocab > spec.model.vocab_size:
+        raise StoreError(f"{spec.data.path}: its tokenizer has {vocab} token ids but "
+                         f"model.vocab_size is {spec.model.vocab_size}")
+    return store
+
+
+def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = _open_data(spec)
+    n, batch = spec.model.seq_len, spec.train.batch_size
+    dataset = train_dataset(store, "train", seq_len=n, batch_size=batch, seed=spec.run.seed,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    data = train_iterator(dataset, threads=spec.data.read_threads, prefetch=spec.data.prefetch)
+    ckpt = Checkpointer(run_dir, keep=spec.run.keep)
+    ts = fresh_state(spec)
+    latest = ckpt.latest()
+    tokens_seen = 0
+    if latest is None:
+        write_spec(run_dir, spec)
+        print_fn(f"new run {run_dir}: {count_parameters(ts.model):,} parameters, "
+                 f"{store.num_tokens('train'):,} training tokens in {spec.data.path}")
+    else:
+        meta = ckpt.read_meta(latest)
+        changes = check_compatible(meta["spec"], spec, run_dir)
+        ts, meta = ckpt.restore(latest, ts)
+        data.set_state(meta["data"])
+        tokens_seen = meta["tokens_seen"]
+        write_spec(run_dir, spec)
+        print_fn(f"resuming {run_dir} from step {latest}" +
+                 (f" (spec changes: {'; '.join(changes)})" if changes else ""))
+        if any(c.startswith("train.steps:") for c in changes) and \
+                spec.train.schedule == "cosine" and spec.train.decay_steps is None:
+            print_fn("note: the cosine schedule ends at train.steps, which changed: learning "
+                     "rates from here differ from the original plan (set train.decay_steps "
+                     "to keep them)")
+    start = int(ts.step)
+    metrics = _Metrics(run_dir / METRICS_FILE, start)
+    result = TrainResult(step=start, start_step=start)
+    step_fn = train_step_for(spec)
+    lr_at = learning_rate(spec.train)
+    last_saved, last_save_time = start, time.monotonic()
+    last_eval: dict | None = None
+
+    def meta_now() -> dict:
+        return {"step": int(ts.step), "spec": spec.model_dump(mode="json"),
+                "data": data.get_state(), "tokens_seen": tokens_seen}
+
+    def save() -> None:
+        nonlocal last_saved, last_save_time
+        ckpt.save(ts, meta_now())
+        last_saved, last_save_time = int(ts.step), time.monotonic()
+
+    def run_eval(step: int) -> dict:
+        nonlocal last_eval
+        last_eval = {"step": step, **evaluate(ts.model, ts.routing, store, "valid",
+                                              batch_size=batch, max_tokens=spec.data.eval_tokens)}
+        metrics.write(last_eval)
+        return last_eval
+
+    bar = tqdm(total=spec.train.steps, initial=start, desc=f"train {run_dir.name}",
+               unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    interval_tokens, interval_time = 0, 0.0
+    try:
+        with _StopRequest() as stop:
+            for step in range(start + 1, spec.train.steps + 1):
+                t0 = time.perf_counter()
+                tokens = jnp.asarray(next(data))
+                if not bool(ts.routing.initialised):
+                    ts = init_routing(tokens, ts, jax.random.fold_in(
+                        jax.random.key(spec.run.seed), 0x5EED))
+                    bar.write("routing centroids initialised by k-means on the first batch")
+                ts, m = step_fn(tokens, ts)
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({loss}) at step {step}; stopped without saving. The "
+                        f"last good checkpoint (step {ckpt.latest()}) is kept in "
+                        f"{ckpt.directory}. Lower train.lr, add warm-up or clipping, then "
+                        "resume with the same command.")
+                elapsed = time.perf_counter() - t0
+                tokens_seen += batch * n
+                result.losses.append(loss)
+                result.step = step
+                if step > start + 1:  # the first step of an invocation compiles
+                    interval_tokens += batch * n
+                    interval_time += elapsed
+                speed = interval_tokens / interval_time if interval_time else None
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss / LN2:.3f} bits", refresh=False,
+                                **({"tok/s": f"{speed:,.0f}"} if speed else {}))
+                if step % spec.run.log_every == 0 or step == start + 1 or \
+                        step == spec.train.steps:
+                    record = {"step": step, **{k: float(v) for k, v in m.items()},
+                              "lr": float(lr_at(step - 1)), "tokens_per_s": speed,
+                              "tokens_seen": tokens_seen, "bits_per_byte": float(m["lm_loss"])
+                              / LN2, "step_s": elapsed}
+                    metrics.write(record)
+                    interval_tokens, interval_time = 0, 0.0
+                if spec.run.eval_every and step % spec.run.eval_every == 0:
+                    out = run_eval(step)
+                    bar.write(f"step {step}: valid {out['bits_per_byte']:.3f} bits/byte")
+                minutes = spec.run.checkpoint_minutes
+                if (spec.run.checkpoint_every and step % spec.run.checkpoint_every == 0) or (
+                        minutes and time.monotonic() - last_save_time > 60 * minutes):
+                    save()
+                if stop.signal is not None:
+                    result.stopped_by = signal.Signals(stop.signal).name
+                    break
+        if result.step > last_saved:
+            save()
+        bar.close()
+        if result.stopped_by:
+            print_fn(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved "
+                     f"in {ckpt.directory}. Run the same command to resume.")
+            return result
+        if last_eval is None or last_eval["step"] != result.step:
+            run_eval(result.step)
+        result.eval = last_eval
+        print_fn(f"step {result.step}: valid {result.eval['bits_per_byte']:.3f} bits/byte "
+                 f"over {result.eval['tokens']:,} tokens (uniform: "
+                 f"{math.log2(spec.model.vocab_size):.1f})")
+        if spec.run.sample_tokens and spec.model.kind == "decoder":
+            tok = store.tokenizer
+            out = generate(ts.model, ts.routing, tok.encode(spec.run.sample_prompt),
+                           max_new_tokens=spec.run.sample_tokens,
+                           sampling=Sampling(temperature=0.8, top_p=0.95),
+                           key=jax.random.key(spec.run.seed))
+            result.sample = tok.decode(out)
+            print_fn(f"sample (temperature 0.8, top-p 0.95):\n{result.sample}")
+        return result
+    finally:
+        bar.close()
+        metrics.close()
+        ckpt.close()
+
+

@@ -1,0 +1,133 @@
+"""The training state and the jitted training step.
+
+`TrainState` is everything that changes during training and goes into a checkpoint: the model,
+the routing (centroid) state, the optimiser state, the step and the RNG key. The step is pure:
+old state in, new state and metrics out; the old state's buffers are donated.
+"""
+
+import functools
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Int, PRNGKeyArray, UInt32
+
+from rtlib.build import build
+from rtlib.nn.model import RoutingTransformer, Stats
+from rtlib.objectives import next_token_loss
+from rtlib.routing import RoutingState
+from rtlib.spec.schema import Spec, TrainSpec
+from rtlib.train.optim import make_optimizer, schedule_key
+
+
+class TrainState(eqx.Module):
+    model: RoutingTransformer
+    routing: RoutingState
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+    key: UInt32[Array, "2"]  # raw key data: checkpoints hold plain arrays
+
+
+def init_train_state(spec: Spec, *, key: PRNGKeyArray) -> TrainState:
+    k_build, k_train = jax.random.split(key)
+    model, routing = build(spec.model, key=k_build)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes weak Python scalars freely
+        opt_state = make_optimizer(spec.train).init(eqx.filter(model, eqx.is_array))
+    return TrainState(model, routing, opt_state, jnp.zeros((), jnp.int32),
+                      jax.random.key_data(k_train))
+
+
+def _compute_dtype(model: RoutingTransformer, dtype: str) -> RoutingTransformer:
+    """The model with float parameters cast for the forward pass; gradients flow back to the
+    float32 masters through the cast. The routing state (centroids) is not touched."""
+    if dtype == "float32":
+        return model
+    return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
+
+
+def routing_metrics(stats: Stats) -> dict[str, Array]:
+    """Cluster occupancy (share of routed vectors per cluster: min, max, normalised entropy
+    averaged over heads) and coverage, over every routing layer of one step."""
+    shares, entropies, coverage = [], [], []
+    for s in stats:
+        if s is None:
+            continue
+        k = s.counts.shape[-1]
+        share = s.counts / jnp.maximum(jnp.sum(s.counts, axis=-1, keepdims=True), 1.0)
+        shares.append(share.reshape(-1))
+        ent = -jnp.sum(jnp.where(share > 0, share * jnp.log(jnp.maximum(share, 1e-30)), 0.0), -1)
+        entropies.append((ent / jnp.log(float(max(k, 2)))).reshape(-1))
+        coverage.append(s.coverage.reshape(-1))
+    if not shares:
+        return {}
+    share, ent, cov = (jnp.concatenate(x) for x in (shares, entropies, coverage))
+    return {"occupancy_min": jnp.min(share), "occupancy_max": jnp.max(share),
+            "occupancy_entropy": jnp.mean(ent), "coverage": jnp.mean(cov)}
+
+
+def train_step_for(spec: Spec):
+    """The jitted step for a spec: `step(batch, state) -> (state, metrics)`. Cached by the
+    settings that shape it, so a resumed, extended or repeated run in the same process reuses
+    the compiled program."""
+    return _train_step(json.dumps({"model": spec.model.model_dump(mode="json"),
+                                   "train": schedule_key(spec.train)}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(key: str):
+    train = TrainSpec.model_validate(json.loads(key)["train"])
+    optimizer = make_optimizer(train)
+    micro = train.micro_batches
+    dtype = train.compute_dtype
+
+    def loss_fn(model, routing, tokens, key):
+        return next_token_loss(_compute_dtype(model, dtype), routing, tokens, key=key)
+
+    grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+
+    def one(model, routing, tokens, key):
+        (loss, (lm, commit, stats)), grads = grad_fn(model, routing, tokens, key)
+        return grads, jnp.stack([loss, lm, commit]), stats
+
+    @functools.partial(eqx.filter_jit, donate="all-except-first")
+    def step(batch: Int[Array, "batch seq_plus_one"], ts: TrainState):
+        key = jax.random.wrap_key_data(ts.key)
+        key, k_step = jax.random.split(key)
+        tokens = batch.reshape(micro, batch.shape[0] // micro, batch.shape[1])
+        keys = jax.random.split(k_step, micro)
+        if micro == 1:
+            grads, losses, stats = one(ts.model, ts.routing, tokens[0], keys[0])
+        else:
+            def body(acc, xs):
+                out = one(ts.model, ts.routing, *xs)
+                return jax.tree.map(jnp.add, acc, out), None
+
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), eqx.filter_eval_shape(
+                one, ts.model, ts.routing, tokens[0], keys[0]))
+            (grads, losses, stats), _ = jax.lax.scan(body, zeros, (tokens, keys))
+            # Gradients and losses average over micro-batches; statistics stay sums, so the
+            # one EMA step below sees the whole batch.
+            grads = jax.tree.map(lambda g: g / micro, grads)
+            losses = losses / micro
+        params = eqx.filter(ts.model, eqx.is_array)
+        with jax.numpy_dtype_promotion("standard"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, ts.opt_state, params)
+        model = eqx.apply_updates(ts.model, updates)
+        routing = model.update_state(ts.routing, stats)
+        new = TrainState(model, routing, opt_state, ts.step + 1, jax.random.key_data(key))
+        metrics = {"loss": losses[0], "lm_loss": losses[1], "commit_loss": losses[2],
+                   "grad_norm": grad_norm, **routing_metrics(stats)}
+        return new, metrics
+
+    return step
+
+
+@eqx.filter_jit
+def init_routing(tokens: Int[Array, "batch seq_plus_one"], ts: TrainState,
+                 key: PRNGKeyArray) -> TrainState:
+    """Data-dependent centroid initialisation (`routing.init: kmeans`) from a training batch."""
+    routing = ts.model.init_routing(tokens[:, :-1], ts.routing, key=key)
+    return eqx.tree_at(lambda t: t.routing, ts, routing)
