@@ -41,3 +41,20 @@ def test_readme_python_examples_run(monkeypatch):
     with jax.numpy_dtype_promotion("standard"):  # as a user runs them
         for block in blocks:
             exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+
+
+def test_readme_commands_name_real_subcommands_and_files():
+    from rtlib.cli import _parser
+
+    readme = (ROOT / "README.md").read_text()
+    commands = {a.dest: a for a in _parser()._subparsers._group_actions}["command"].choices
+    lines = [line for block in re.findall(r"```(?:bash|text)\n(.*?)```", readme, re.S)
+             for line in block.splitlines()]
+    used = [part.strip().split()[:3] for line in lines for part in line.split("&&")
+            if part.strip().startswith(("rtlib ", "$ rtlib "))]
+    assert len(used) >= 8
+    for words in used:
+        words = [w for w in words if w != "$"]
+        assert words[1] in commands, words
+        paths = [w for w in words[2:] if w.startswith("specs/")]
+        assert all((ROOT / w).is_file() for w in paths), words

@@ -267,3 +267,15 @@ def test_sigterm_saves_a_checkpoint_and_exits(text_store, tmp_path):
     assert "stopped by SIGTERM" in out
     last = max(r["step"] for r in metrics(run_dir))
     assert Checkpointer(run_dir).steps() == [last] and last >= 3
+
+
+def test_adafactor_cosine_and_bfloat16_compute_train(text_store, tmp_path):
+    result = train(spec_for(text_store, tmp_path / "ada", "train.steps=10",
+                            "train.optimizer=adafactor", "train.b1=0.0", "train.lr=1e-2",
+                            "train.schedule=cosine", "train.compute_dtype=bfloat16",
+                            "run.checkpoint_every=0"), progress=False)
+    assert all(math.isfinite(x) for x in result.losses)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    _, ts, _ = load_run(tmp_path / "ada")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(eqx.filter(
+        ts.model, eqx.is_inexact_array)))

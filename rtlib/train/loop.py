@@ -84,7 +84,7 @@ class _Metrics:
         self.path = path
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
 
@@ -94,6 +94,14 @@ class _Metrics:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line cut short by a killed process."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _open_data(spec: Spec) -> TokenStore:
@@ -106,9 +114,16 @@ def _open_data(spec: Spec) -> TokenStore:
 
 
 def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
+    if spec.model.kind != "decoder":
+        raise StoreError("rtlib train optimises the next-token loss, which needs a decoder "
+                         "(model.kind: decoder); an encoder needs a masked-token objective, "
+                         "not implemented yet")
     run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     store = _open_data(spec)
+    can_eval = "valid" in store.manifest["splits"] and store.num_tokens("valid") >= 2
+    if not can_eval:
+        print_fn(f"note: {spec.data.path} has no validation tokens: no evaluation")
+    run_dir.mkdir(parents=True, exist_ok=True)
     n, batch = spec.model.seq_len, spec.train.batch_size
     dataset = train_dataset(store, "train", seq_len=n, batch_size=batch, seed=spec.run.seed,
                             process_index=jax.process_index(),
@@ -137,8 +152,13 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
                      "rates from here differ from the original plan (set train.decay_steps "
                      "to keep them)")
     start = int(ts.step)
-    metrics = _Metrics(run_dir / METRICS_FILE, start)
     result = TrainResult(step=start, start_step=start)
+    if start >= spec.train.steps:
+        print_fn(f"{run_dir} is already at step {start} (train.steps={spec.train.steps}): "
+                 "nothing to do; raise train.steps to train on")
+        ckpt.close()
+        return result
+    metrics = _Metrics(run_dir / METRICS_FILE, start)
     step_fn = train_step_for(spec)
     lr_at = learning_rate(spec.train)
     last_saved, last_save_time = start, time.monotonic()
@@ -199,7 +219,7 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
                               / LN2, "step_s": elapsed}
                     metrics.write(record)
                     interval_tokens, interval_time = 0, 0.0
-                if spec.run.eval_every and step % spec.run.eval_every == 0:
+                if can_eval and spec.run.eval_every and step % spec.run.eval_every == 0:
                     out = run_eval(step)
                     bar.write(f"step {step}: valid {out['bits_per_byte']:.3f} bits/byte")
                 minutes = spec.run.checkpoint_minutes
@@ -216,13 +236,14 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
             print_fn(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved "
                      f"in {ckpt.directory}. Run the same command to resume.")
             return result
-        if last_eval is None or last_eval["step"] != result.step:
+        if can_eval and (last_eval is None or last_eval["step"] != result.step):
             run_eval(result.step)
         result.eval = last_eval
-        print_fn(f"step {result.step}: valid {result.eval['bits_per_byte']:.3f} bits/byte "
-                 f"over {result.eval['tokens']:,} tokens (uniform: "
-                 f"{math.log2(spec.model.vocab_size):.1f})")
-        if spec.run.sample_tokens and spec.model.kind == "decoder":
+        if last_eval is not None:
+            print_fn(f"step {result.step}: valid {last_eval['bits_per_byte']:.3f} bits/byte "
+                     f"over {last_eval['tokens']:,} tokens (uniform: "
+                     f"{math.log2(spec.model.vocab_size):.1f})")
+        if spec.run.sample_tokens:
             tok = store.tokenizer
             out = generate(ts.model, ts.routing, tok.encode(spec.run.sample_prompt),
                            max_new_tokens=spec.run.sample_tokens,
