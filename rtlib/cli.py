@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from rtlib.spec.load import SpecError, load_spec
 
@@ -65,9 +64,14 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from rtlib.data.store import TokenStore
+    from rtlib.errors import BadArgument
     from rtlib.evaluate import evaluate
     from rtlib.train.run_dir import load_run
 
+    for name in ("max_tokens", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadArgument(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     spec, ts, step = load_run(args.run_dir, args.step)
     store = TokenStore.open(args.data or spec.data.path)
     out = evaluate(ts.model, ts.routing, store, args.split,
@@ -82,7 +86,8 @@ def _cmd_generate(args) -> int:
     import jax
 
     from rtlib.data.tokenizer import ByteTokenizer
-    from rtlib.sample import BadArgument, Sampling, generate
+    from rtlib.errors import BadArgument
+    from rtlib.sample import Sampling, generate
     from rtlib.train.run_dir import load_run
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -91,9 +96,9 @@ def _cmd_generate(args) -> int:
     if not args.prompt:
         raise BadArgument("--prompt is empty: give at least one character")
 
-    spec, ts, _ = load_run(args.run_dir, args.step)
-    sampling.check(spec.model.vocab_size)
     tok = ByteTokenizer()
+    spec, ts, _ = load_run(args.run_dir, args.step)
+    sampling.check(min(spec.model.vocab_size, tok.vocab_size))
     prompt = tok.encode(args.prompt)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -112,7 +117,7 @@ def _cmd_generate(args) -> int:
         pending.clear()
 
     generate(ts.model, ts.routing, prompt, max_new_tokens=args.max_new_tokens,
-             sampling=sampling, key=jax.random.key(args.seed), on_token=stream)
+             sampling=sampling, vocab_limit=tok.vocab_size, key=jax.random.key(args.seed), on_token=stream)
     if pending:
         sys.stdout.write(pending.decode("utf-8", errors="replace"))
     sys.stdout.write("\n")
@@ -195,8 +200,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rtlib.data.sources import SourceError
-    from rtlib.sample import BadArgument
     from rtlib.data.store import StoreError
+    from rtlib.errors import BadArgument
     from rtlib.train.checkpoint import CheckpointError
     from rtlib.train.loop import NonFiniteLoss
     from rtlib.train.run_dir import RunError

@@ -10,7 +10,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise RunError(f"{run_dir}: no {METRICS_FILE} (has this run taken a step yet?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed process
+            continue
+    return records
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -10,12 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from rtlib.errors import BadArgument
 from rtlib.nn.model import RoutingTransformer
 from rtlib.routing import RoutingState
-
-
-class BadArgument(ValueError):
-    """A sampling argument out of range; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +53,12 @@ def filter_logits(logits: Float[Array, " vocab"], top_k: int | None,
 @eqx.filter_jit
 def _next_token(model: RoutingTransformer, routing: RoutingState, buf: Int[Array, "1 seq"],
                 mask: Bool[Array, "1 seq"], last: Int[Array, ""], key: PRNGKeyArray,
-                temperature: Float[Array, ""], top_k: int | None, top_p: float | None):
+                temperature: Float[Array, ""], top_k: int | None, top_p: float | None,
+                vocab_limit: int):
     logits, _ = model(buf, routing, mask=mask, inference=True)
     logits = logits[0, last].astype(jnp.float32)
+    # ids the tokenizer cannot decode (a byte store under a larger vocabulary) are never drawn
+    logits = jnp.where(jnp.arange(logits.shape[0]) < vocab_limit, logits, -jnp.inf)
     greedy = jnp.argmax(logits)
     scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
     sampled = jax.random.categorical(key, scaled)
@@ -67,16 +67,19 @@ def _next_token(model: RoutingTransformer, routing: RoutingState, buf: Int[Array
 
 def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarray, *,
              max_new_tokens: int, sampling: Sampling, key: PRNGKeyArray,
-             on_token=None) -> np.ndarray:
+             vocab_limit: int | None = None, on_token=None) -> np.ndarray:
     """`prompt` followed by `max_new_tokens` sampled tokens. The model sees the last seq_len
-    tokens. `on_token(id)` is called as each token is produced (for streaming output)."""
+    tokens. Only ids below `vocab_limit` (default: the model's vocabulary) are drawn.
+    `on_token(id)` is called as each token is produced (for streaming output)."""
     if not model.causal:
         raise ValueError("generation needs a decoder (model.kind: decoder)")
     if len(prompt) == 0:
         raise BadArgument("the prompt is empty: give at least one token")
     if max_new_tokens < 0:
         raise BadArgument(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    sampling.check(model.embed.weight.shape[0])
+    vocab = model.embed.weight.shape[0]
+    sampling.check(vocab if vocab_limit is None else min(vocab, vocab_limit))
+    limit = vocab if vocab_limit is None else min(vocab, vocab_limit)
     n = model.seq_len
     tokens = list(np.asarray(prompt, np.int32))
     temperature = jnp.asarray(sampling.temperature, jnp.float32)
@@ -88,7 +91,7 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
         mask[0, :len(window)] = True
         nxt = int(_next_token(model, routing, jnp.asarray(buf), jnp.asarray(mask),
                               jnp.asarray(len(window) - 1), jax.random.fold_in(key, i),
-                              temperature, sampling.top_k, sampling.top_p))
+                              temperature, sampling.top_k, sampling.top_p, limit))
         tokens.append(nxt)
         if on_token is not None:
             on_token(nxt)

@@ -66,6 +66,8 @@ def test_split_assignment_is_by_document_and_seeded():
                                                       seed=0).items())
     with pytest.raises(SourceError, match="need at least 3"):
         assign_splits(ids[:2], valid=0.1, test=0.1, seed=0)
+    greedy = assign_splits(ids[:3], valid=0.05, test=0.9, seed=0)  # fractions that overflow
+    assert sorted(sum(greedy.values(), [])) == [0, 1, 2] and all(greedy.values())
 
 
 def test_images_from_pngs_and_npy(tmp_path):
@@ -91,7 +93,7 @@ def test_images_from_pngs_and_npy(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "no_match", "empty", "unreadable", "exists",
-                                  "not_a_store", "bad_npy"])
+                                  "not_a_store", "bad_npy", "bad_fraction", "bad_doc_bytes"])
 def test_prepare_errors_are_clear_and_lose_nothing(tmp_path, monkeypatch, capsys, case):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, 4)
@@ -102,7 +104,10 @@ def test_prepare_errors_are_clear_and_lose_nothing(tmp_path, monkeypatch, capsys
         "empty": "the corpus is empty", "unreadable": "cannot read: Permission denied",
         "exists": "already there; pass --force", "not_a_store": "no token store here",
         "bad_npy": "not a readable .npy array",
+        "bad_fraction": "split fractions valid=1.5, test=0.05 must be in [0, 1)",
+        "bad_doc_bytes": "doc_bytes must be >= 1, got 0",
     }[case]
+    code = 2 if case.startswith("bad_") and case != "bad_npy" else 1
     if case == "missing":
         args[2] = str(tmp_path / "nope")
     elif case == "no_match":
@@ -131,8 +136,13 @@ def test_prepare_errors_are_clear_and_lose_nothing(tmp_path, monkeypatch, capsys
     elif case == "bad_npy":
         (tmp_path / "x.npy").write_bytes(b"garbage")
         args[2] = str(tmp_path / "x.npy")
+    elif case == "bad_fraction":
+        args += ["--valid", "1.5"]
+    elif case == "bad_doc_bytes":
+        args[2] = str(sorted(corpus.rglob("*.txt"))[0])
+        args += ["--doc-bytes", "0"]
     capsys.readouterr()
-    assert main(args) == 1
+    assert main(args) == code
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("error: ") and expected in err
     if case == "exists":
@@ -197,3 +207,27 @@ def test_eval_batches_score_every_target_once(store):
     capped = sum(int((m[:, 1:] & m[:, :-1]).sum()) for _, m in
                  eval_batches(store, "valid", seq_len=16, batch_size=3, max_tokens=40))
     assert capped == 40
+
+
+def test_force_replaces_a_store_only_when_the_new_one_is_complete(tmp_path, monkeypatch):
+    from rtlib.data import prepare as prepare_module
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, 6)
+    out = str(tmp_path / "store")
+    first = prepare(str(corpus), out, progress=False)
+    # a source that fails while being read leaves the old store untouched
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    for i in range(3):
+        (empty / "a" / f"{i}.txt").write_bytes(b"")
+    with pytest.raises(SourceError, match="empty"):
+        prepare(str(empty), out, force=True, progress=False)
+    assert TokenStore.open(out).manifest == first
+    # an interruption while the new arrays are written leaves no manifest: never read as whole
+    monkeypatch.setattr(prepare_module, "_flush", lambda *a: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(corpus), out, force=True, progress=False)
+    with pytest.raises(StoreError, match="no token store here"):
+        TokenStore.open(out)

@@ -137,8 +137,9 @@ def test_micro_batches_match_one_batch(text_store, tmp_path):
     assert tree_max_abs(one.routing, two.routing) < 1e-6
 
 
+@pytest.mark.parametrize("poison", ["loss", "grad_norm"])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text_store, tmp_path,
-                                                                  monkeypatch, capsys):
+                                                                  monkeypatch, capsys, poison):
     real = loop.train_step_for
 
     def poisoned(spec):
@@ -146,18 +147,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text_store, tm
 
         def wrapped(batch, ts):
             ts, m = step(batch, ts)
-            if int(ts.step) == 3:
-                m = {**m, "loss": jnp.asarray(jnp.nan)}
+            if int(ts.step) == 3:  # step 3 is also a checkpoint step below
+                m = {**m, poison: jnp.asarray(jnp.nan)}
             return ts, m
 
         return wrapped
 
     monkeypatch.setattr(loop, "train_step_for", poisoned)
     run_dir = tmp_path / "nan"
-    assert main(cli_args(text_store, run_dir, "train.steps=6")) == 3
+    assert main(cli_args(text_store, run_dir, "train.steps=6", "run.checkpoint_every=1")) == 3
     err = capsys.readouterr().err
-    assert "non-finite loss (nan) at step 3" in err and "last good checkpoint (step 2)" in err
-    assert Checkpointer(run_dir).steps() == [2]
+    what = "loss" if poison == "loss" else "gradient norm"
+    assert f"non-finite {what} (nan) at step 3" in err
+    assert "last good checkpoint (step 2)" in err
+    assert Checkpointer(run_dir).steps() == [1, 2]
     assert max(r["step"] for r in metrics(run_dir)) == 2
     with pytest.raises(NonFiniteLoss):
         train(spec_for(text_store, run_dir, "train.steps=6"), progress=False)
@@ -226,8 +229,12 @@ def test_eval_generate_and_plot(trained, text_store, tmp_path, capsys):
                  "--top-k", "3", "--top-p", "0.9", "--temperature", "0.7"]) == 0
     capsys.readouterr()
 
-    png = main(["plot", str(trained)])
-    assert png == 0 and (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained, run_dir)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 31, "lo')  # a line cut short by a killed process
+    assert main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -236,10 +243,26 @@ def test_eval_generate_and_plot(trained, text_store, tmp_path, capsys):
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 0"),
     (["--prompt", ""], "--prompt is empty"),
+    (["EVAL", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["EVAL", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
 ])
-def test_bad_sampling_arguments(trained, capsys, args, message):
-    assert main(["generate", str(trained), "--prompt", "x", *args]) == 2
+def test_bad_sampling_and_eval_arguments(trained, capsys, args, message):
+    if args[0] == "EVAL":
+        assert main(["eval", str(trained), *args[1:]]) == 2
+    else:
+        assert main(["generate", str(trained), "--prompt", "x", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generation_draws_only_ids_the_tokenizer_can_decode(getkey):
+    from rtlib.build import build
+    from rtlib.sample import Sampling, generate
+
+    model, routing = build(load_spec(TINY, ["model.vocab_size=1024",
+                                            "model.routing.init=random"]).model, key=getkey())
+    out = generate(model, routing, np.array([1, 2, 3]), max_new_tokens=12,
+                   sampling=Sampling(temperature=3.0), key=getkey(), vocab_limit=256)
+    assert out.max() < 256  # an untrained model spreads over 1024 ids: 75% of them >= 256
 
 
 def test_missing_data_or_run_directory(tmp_path, capsys):

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from rtlib.data.sources import Document, SourceError, collect
 from rtlib.data.store import FORMAT, MANIFEST, SPLITS, StoreError, open_kvstore, split_array
 from rtlib.data.tokenizer import ByteTokenizer
+from rtlib.errors import BadArgument
 
 WRITE_BLOCK = 8 << 20  # bytes buffered per tensorstore write
 
@@ -19,8 +20,8 @@ def assign_splits(ids: list[str], *, valid: float, test: float, seed: int) -> di
     document's split depends only on its name, the seed and the corpus size, never on file
     contents or listing order. Each non-zero fraction gets at least one document."""
     if not 0 <= valid < 1 or not 0 <= test < 1 or valid + test >= 1:
-        raise ValueError(f"split fractions valid={valid}, test={test} must be in [0, 1) and sum "
-                         "to less than 1")
+        raise BadArgument(f"split fractions valid={valid}, test={test} must be in [0, 1) and "
+                          "sum to less than 1")
     wanted = [int(f > 0) for f in (valid, test)]
     if len(ids) < 1 + sum(wanted):
         raise SourceError(f"{len(ids)} document(s) cannot be split into train"
@@ -28,9 +29,9 @@ def assign_splits(ids: list[str], *, valid: float, test: float, seed: int) -> di
                           f"{1 + sum(wanted)}")
     rank = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode())
                   .digest())
-    n_test = max(wanted[1], round(test * len(ids)))
-    n_valid = max(wanted[0], round(valid * len(ids)))
-    n_valid = min(n_valid, len(ids) - 1 - n_test)
+    # train keeps at least one document, and so does each requested held-out split
+    n_test = min(max(wanted[1], round(test * len(ids))), len(ids) - 1 - wanted[0])
+    n_valid = min(max(wanted[0], round(valid * len(ids))), len(ids) - 1 - n_test)
     out = {"test": sorted(rank[:n_test]), "valid": sorted(rank[n_test:n_test + n_valid]),
            "train": sorted(rank[n_test + n_valid:])}
     return {s: out[s] for s in SPLITS}
@@ -44,21 +45,27 @@ def prepare(source: str, out: str, *, kind: str = "auto", glob: str | None = Non
     An existing complete store is never overwritten unless `force`. The manifest is written
     last: an interrupted run leaves no manifest, so nothing half-written is ever read.
     """
+    if doc_bytes < 1:
+        raise BadArgument(f"doc_bytes must be >= 1, got {doc_bytes}")
     kv = open_kvstore(out)
     if kv.read(MANIFEST).result().state == "value" and not force:
         raise StoreError(f"{out}: a token store is already there; pass --force to replace it")
     docs, described = collect(source, kind=kind, glob=glob, doc_bytes=doc_bytes)
     tokenizer = ByteTokenizer()
     chosen = assign_splits([d.id for d in docs], valid=valid, test=test, seed=seed)
-    digest = hashlib.sha256()
-    splits = {}
-    with tqdm(total=len(docs), desc=f"prepare {out}", unit="doc", disable=not progress) as bar:
+    # Read everything before touching `out`: a source error must not cost an existing store.
+    with tqdm(total=len(docs), desc=f"read {source}", unit="doc", disable=not progress) as bar:
+        contents = {}
         for split, idx in chosen.items():
-            splits[split] = _write_split(out, split, [docs[i] for i in idx], tokenizer, digest,
-                                         bar)
-    total = sum(s["tokens"] for s in splits.values())
-    if total == 0:
+            contents[split] = [(docs[i].id, _load(docs[i], bar)) for i in idx]
+    if not any(data for part in contents.values() for _, data in part):
         raise SourceError(f"{source}: the corpus is empty (0 bytes in {len(docs)} document(s))")
+    # From here on the old store (if --force) is gone: drop its manifest first, so an
+    # interrupted write leaves no manifest and is never read as complete.
+    kv.write(MANIFEST, None).result()
+    digest = hashlib.sha256()
+    splits = {split: _write_split(out, split, part, tokenizer, digest)
+              for split, part in contents.items()}
     manifest = {
         "format": FORMAT, "version": 1,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -71,22 +78,21 @@ def prepare(source: str, out: str, *, kind: str = "auto", glob: str | None = Non
     return manifest
 
 
-def _write_split(out: str, split: str, docs: list[Document], tokenizer: ByteTokenizer, digest,
-                 bar) -> dict:
-    """Write one split. Its bytes are held in memory once (the array is created at its final
-    length); corpora larger than memory need a streaming writer, not needed so far."""
-    blobs, sizes, names = [], [], []
-    for d in docs:
-        data = d.load()
-        if data:
-            blobs.append(data)
-            sizes.append(len(data))
-            names.append(d.id)
-        bar.update(1)
-    boundaries = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+def _load(doc: Document, bar) -> bytes:
+    data = doc.load()
+    bar.update(1)
+    return data
+
+
+def _write_split(out: str, split: str, docs: list[tuple[str, bytes]], tokenizer: ByteTokenizer,
+                 digest) -> dict:
+    """Write one split (empty documents are dropped). The corpus is held in memory once;
+    corpora larger than memory need a streaming writer, not needed so far."""
+    docs = [(name, data) for name, data in docs if data]
+    boundaries = np.concatenate([[0], np.cumsum([len(d) for _, d in docs], dtype=np.int64)])
     array = split_array(out, split, create_shape=int(boundaries[-1]), dtype=tokenizer.dtype)
     pos, buffer, buffered = 0, [], 0
-    for name, data in zip(names, blobs, strict=True):
+    for name, data in docs:
         digest.update(f"{split}\0{name}\0{len(data)}\0".encode())
         digest.update(data)
         buffer.append(data)
@@ -95,7 +101,7 @@ def _write_split(out: str, split: str, docs: list[Document], tokenizer: ByteToke
             pos = _flush(array, pos, buffer)
             buffer, buffered = [], 0
     _flush(array, pos, buffer)
-    return {"tokens": int(boundaries[-1]), "bytes": int(boundaries[-1]), "documents": len(names),
+    return {"tokens": int(boundaries[-1]), "bytes": int(boundaries[-1]), "documents": len(docs),
             "boundaries": boundaries[:-1].tolist()}
 
 

@@ -85,7 +85,9 @@ class _Metrics:
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            tmp = path.with_suffix(".jsonl.tmp")  # a kill mid-rewrite keeps the old file
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
         self.file = path.open("a")
 
     def write(self, record: dict) -> None:
@@ -118,6 +120,10 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
         raise StoreError("rtlib train optimises the next-token loss, which needs a decoder "
                          "(model.kind: decoder); an encoder needs a masked-token objective, "
                          "not implemented yet")
+    if jax.process_count() > 1:
+        raise StoreError("rtlib train runs on one process for now: each process would train "
+                         "its own copy. Multi-process data parallelism arrives with the "
+                         "distributed-training issue")
     run_dir = Path(spec.run_dir)
     store = _open_data(spec)
     can_eval = "valid" in store.manifest["splits"] and store.num_tokens("valid") >= 2
@@ -146,6 +152,9 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
         write_spec(run_dir, spec)
         print_fn(f"resuming {run_dir} from step {latest}" +
                  (f" (spec changes: {'; '.join(changes)})" if changes else ""))
+        if any(c.startswith("train.batch_size:") for c in changes):
+            print_fn("note: train.batch_size changed: the data stream goes on from a "
+                     "different position than an uninterrupted run's would")
         if any(c.startswith("train.steps:") for c in changes) and \
                 spec.train.schedule == "cosine" and spec.train.decay_steps is None:
             print_fn("note: the cosine schedule ends at train.steps, which changed: learning "
@@ -193,13 +202,20 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
                         jax.random.key(spec.run.seed), 0x5EED))
                     bar.write("routing centroids initialised by k-means on the first batch")
                 ts, m = step_fn(tokens, ts)
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
+                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    # A non-finite gradient poisons the parameters even when this loss is
+                    # finite: never save that state.
+                    what = f"loss ({loss})" if not math.isfinite(loss) else \
+                        f"gradient norm ({grad_norm})"
+                    kept = ckpt.latest()
+                    where = (f"The last good checkpoint (step {kept}) is kept in "
+                             f"{ckpt.directory}." if kept is not None else
+                             "No checkpoint had been written yet.")
                     raise NonFiniteLoss(
-                        f"non-finite loss ({loss}) at step {step}; stopped without saving. The "
-                        f"last good checkpoint (step {ckpt.latest()}) is kept in "
-                        f"{ckpt.directory}. Lower train.lr, add warm-up or clipping, then "
-                        "resume with the same command.")
+                        f"non-finite {what} at step {step}; stopped without saving. {where} "
+                        "Lower train.lr, add warm-up or clipping, then run the same command "
+                        "again.")
                 elapsed = time.perf_counter() - t0
                 tokens_seen += batch * n
                 result.losses.append(loss)
@@ -248,6 +264,7 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
             out = generate(ts.model, ts.routing, tok.encode(spec.run.sample_prompt),
                            max_new_tokens=spec.run.sample_tokens,
                            sampling=Sampling(temperature=0.8, top_p=0.95),
+                           vocab_limit=tok.vocab_size,
                            key=jax.random.key(spec.run.seed))
             result.sample = tok.decode(out)
             print_fn(f"sample (temperature 0.8, top-p 0.95):\n{result.sample}")
