@@ -117,7 +117,7 @@ def _cmd_generate(args) -> int:
         pending.clear()
 
     generate(ts.model, ts.routing, prompt, max_new_tokens=args.max_new_tokens,
-             sampling=sampling, vocab_limit=tok.vocab_size, key=jax.random.key(args.seed), on_token=stream)
+             sampling=sampling, vocab_limit=tok.vocab_size, use_cache=not args.no_cache, key=jax.random.key(args.seed), on_token=stream)
     if pending:
         sys.stdout.write(pending.decode("utf-8", errors="replace"))
     sys.stdout.write("\n")
@@ -181,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence for every token instead of decoding "
+                   "with the cache (for comparison)")
     p.set_defaults(fn=_cmd_generate)
 
     p = sub.add_parser("plot", help="PNG of the training and validation curves of a run")

@@ -1,7 +1,8 @@
 """Sampling text from a trained model: temperature, top-k, top-p (nucleus); temperature 0 is
-greedy. Every step recomputes the whole window (at most seq_len tokens), one compiled program
-for all lengths: the sequence sits in a fixed buffer with a mask over its real tokens."""
+greedy. Cached decoding by default; the recomputing path keeps the sequence in a fixed buffer
+with a mask over its real tokens, so one compiled program serves every length."""
 
+import functools
 from dataclasses import dataclass
 
 import equinox as eqx
@@ -50,14 +51,13 @@ def filter_logits(logits: Float[Array, " vocab"], top_k: int | None,
     return logits
 
 
-@eqx.filter_jit
-def _next_token(model: RoutingTransformer, routing: RoutingState, buf: Int[Array, "1 seq"],
-                mask: Bool[Array, "1 seq"], last: Int[Array, ""], key: PRNGKeyArray,
-                temperature: Float[Array, ""], top_k: int | None, top_p: float | None,
-                vocab_limit: int):
-    logits, _ = model(buf, routing, mask=mask, inference=True)
-    logits = logits[0, last].astype(jnp.float32)
-    # ids the tokenizer cannot decode (a byte store under a larger vocabulary) are never drawn
+@functools.partial(jax.jit, static_argnames=("top_k", "top_p", "vocab_limit"))
+def pick(logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature: Float[Array, ""], *,
+         top_k: int | None, top_p: float | None, vocab_limit: int) -> Int[Array, ""]:
+    """The next token from one position's logits: greedy at temperature 0, else sampled from
+    the filtered, tempered distribution. Ids >= `vocab_limit` (which the tokenizer cannot
+    decode, e.g. a byte store under a larger vocabulary) are never drawn."""
+    logits = logits.astype(jnp.float32)
     logits = jnp.where(jnp.arange(logits.shape[0]) < vocab_limit, logits, -jnp.inf)
     greedy = jnp.argmax(logits)
     scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
@@ -65,12 +65,34 @@ def _next_token(model: RoutingTransformer, routing: RoutingState, buf: Int[Array
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+@eqx.filter_jit
+def _window_logits(model: RoutingTransformer, routing: RoutingState, buf: Int[Array, "1 seq"],
+                   mask: Bool[Array, "1 seq"], last: Int[Array, ""]) -> Float[Array, " vocab"]:
+    logits, _ = model(buf, routing, mask=mask, inference=True)
+    return logits[0, last]
+
+
+_prefill = eqx.filter_jit(lambda model, routing, tokens, capacity: model.prefill(
+    tokens, routing, capacity=capacity))
+_decode = eqx.filter_jit(lambda model, routing, token, cache: model.decode(token, routing, cache))
+
+
 def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarray, *,
              max_new_tokens: int, sampling: Sampling, key: PRNGKeyArray,
-             vocab_limit: int | None = None, on_token=None) -> np.ndarray:
-    """`prompt` followed by `max_new_tokens` sampled tokens. The model sees the last seq_len
-    tokens. Only ids below `vocab_limit` (default: the model's vocabulary) are drawn.
-    `on_token(id)` is called as each token is produced (for streaming output)."""
+             vocab_limit: int | None = None, use_cache: bool = True,
+             capacity: int | None = None, on_token=None) -> np.ndarray:
+    """`prompt` followed by `max_new_tokens` sampled tokens; `on_token(id)` is called as each
+    is produced (streaming). Only ids below `vocab_limit` (default: the vocabulary) are drawn.
+
+    With `use_cache` (default) the prompt is processed in one pass (`model.prefill`) and every
+    new token costs one `model.decode` step: local and causal-routing heads keep fixed-size
+    buffers, so memory does not grow with the generated length. Without it, every step
+    recomputes the whole sequence (a model with learned positions: the last seq_len tokens).
+    For causal routing and local heads both give the same logits (to float rounding); balanced
+    routing is approximated by the cache (see `rtlib.nn.cache.balanced_decode`).
+    `capacity` (default: prompt + new tokens) sizes the full-head and balanced buffers and the
+    recomputed sequence; a larger value only costs memory and time.
+    """
     if not model.causal:
         raise ValueError("generation needs a decoder (model.kind: decoder)")
     if len(prompt) == 0:
@@ -78,21 +100,35 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
     if max_new_tokens < 0:
         raise BadArgument(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     vocab = model.embed.weight.shape[0]
-    sampling.check(vocab if vocab_limit is None else min(vocab, vocab_limit))
     limit = vocab if vocab_limit is None else min(vocab, vocab_limit)
-    n = model.seq_len
-    tokens = list(np.asarray(prompt, np.int32))
+    sampling.check(limit)
+    total = max(len(prompt) + max_new_tokens, capacity or 0)
+    learned = model.positions is not None
+    if use_cache and learned and total > model.seq_len:
+        raise BadArgument(f"{total} tokens exceed seq_len={model.seq_len}, where learned "
+                          "position embeddings end: generate fewer, or recompute a sliding "
+                          "window without the cache (--no-cache)")
     temperature = jnp.asarray(sampling.temperature, jnp.float32)
+    choose = functools.partial(pick, temperature=temperature, top_k=sampling.top_k,
+                               top_p=sampling.top_p, vocab_limit=limit)
+    tokens = list(np.asarray(prompt, np.int32))
+    if use_cache:
+        logits, cache = _prefill(model, routing, jnp.asarray(tokens)[None], total)
+        logits = logits[0, -1]
+    span = model.seq_len if learned else total
     for i in range(max_new_tokens):
-        window = tokens[-n:]
-        buf = np.zeros((1, n), np.int32)
-        buf[0, :len(window)] = window
-        mask = np.zeros((1, n), bool)
-        mask[0, :len(window)] = True
-        nxt = int(_next_token(model, routing, jnp.asarray(buf), jnp.asarray(mask),
-                              jnp.asarray(len(window) - 1), jax.random.fold_in(key, i),
-                              temperature, sampling.top_k, sampling.top_p, limit))
-        tokens.append(nxt)
+        if not use_cache:
+            window = tokens[-span:]
+            buf = np.zeros((1, span), np.int32)
+            buf[0, :len(window)] = window
+            logits = _window_logits(model, routing, jnp.asarray(buf),
+                                    jnp.asarray(np.arange(span)[None] < len(window)),
+                                    jnp.asarray(len(window) - 1))
+        nxt = choose(logits, jax.random.fold_in(key, i))
+        tokens.append(int(nxt))
         if on_token is not None:
-            on_token(nxt)
+            on_token(int(nxt))
+        if use_cache and i + 1 < max_new_tokens:
+            logits, cache = _decode(model, routing, nxt[None], cache)
+            logits = logits[0]
     return np.asarray(tokens, np.int32)

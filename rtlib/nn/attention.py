@@ -3,11 +3,22 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from rtlib.attention import full_attention, local_attention
+from rtlib.nn.cache import (
+    AttentionCache,
+    attend_buffer,
+    balanced_decode,
+    cluster_attend,
+    cluster_fill,
+    cluster_push,
+    ring_fill,
+    ring_push,
+)
 from rtlib.nn.layers import Linear, rotary
 from rtlib.routing import RoutingStats, kmeans_init, normalize, routing_attention
+from rtlib.routing.assign import logit_scale_value
 from rtlib.spec.schema import HeadCounts, LocalHeads, ModelSpec, RoutingHeads
 
 
@@ -53,35 +64,49 @@ class MixedAttention(eqx.Module):
     ) -> tuple[Float[Array, "batch seq dmodel"], RoutingStats | None, Array | None]:
         """Returns (output, routing statistics, centroids used). With `init_key`, the routing
         heads first initialise their centroids by k-means on this batch's q (and k)."""
+        heads = self._project(x)
+        if init_key is not None and self.counts.routing:
+            centroids = self._kmeans_init(heads[2], heads[3], mask, init_key, init_iters)
+        out, stats = self._attend(*heads, centroids, mask)
+        return out, stats, centroids
+
+    def _project(self, x, offset: Int[Array, ""] | int = 0):
+        """(q, k of local + full heads, q, k of routing heads, v), positions from `offset`."""
         b, n, _ = x.shape
         nl, nf, nr = self.counts.local, self.counts.full, self.counts.routing
         split = lambda t, h: t.reshape(b, n, h, self.head_dim)  # noqa: E731
         q = split(self.wq(x), self.counts.total)
         v = split(self.wv(x), self.counts.total)
         k = None if self.wk is None else split(self.wk(x), self.wk.weight.shape[1] // self.head_dim)
-        outs = []
+        ql = kl = qr = kr = None
         if nl + nf:
             ql, kl = q[:, :, : nl + nf], k[:, :, : nl + nf]
             if self.rotary:
-                ql, kl = rotary(ql), rotary(kl)
-            if nl:
-                outs.append(local_attention(
-                    ql[:, :, :nl], kl[:, :, :nl], v[:, :, :nl], window=self.local.window,
-                    causal=self.causal, look_back=self.local.look_back,
-                    look_ahead=self.local.look_ahead, q_mask=mask, kv_mask=mask))
-            if nf:
-                outs.append(full_attention(ql[:, :, nl:], kl[:, :, nl:], v[:, :, nl : nl + nf],
-                                           causal=self.causal, q_mask=mask, kv_mask=mask))
-        stats = None
+                ql, kl = rotary(ql, offset), rotary(kl, offset)
         if nr:
             cfg = self.routing
             qr = q[:, :, nl + nf :]
             kr = qr if cfg.shared_qk else k[:, :, nl + nf :]
             if cfg.rotary:
-                qr = rotary(qr)
-                kr = qr if cfg.shared_qk else rotary(kr)
-            if init_key is not None:
-                centroids = self._kmeans_init(qr, kr, mask, init_key, init_iters)
+                qr = rotary(qr, offset)
+                kr = qr if cfg.shared_qk else rotary(kr, offset)
+        return ql, kl, qr, kr, v
+
+    def _attend(self, ql, kl, qr, kr, v, centroids, mask):
+        b, n = v.shape[:2]
+        nl, nf, nr = self.counts.local, self.counts.full, self.counts.routing
+        outs = []
+        if nl:
+            outs.append(local_attention(
+                ql[:, :, :nl], kl[:, :, :nl], v[:, :, :nl], window=self.local.window,
+                causal=self.causal, look_back=self.local.look_back,
+                look_ahead=self.local.look_ahead, q_mask=mask, kv_mask=mask))
+        if nf:
+            outs.append(full_attention(ql[:, :, nl:], kl[:, :, nl:], v[:, :, nl : nl + nf],
+                                       causal=self.causal, q_mask=mask, kv_mask=mask))
+        stats = None
+        if nr:
+            cfg = self.routing
             out, stats = routing_attention(
                 qr, kr, v[:, :, nl + nf :], centroids, window=cfg.window,
                 assignment=cfg.assignment, causal=self.causal, norm=cfg.norm,
@@ -89,7 +114,108 @@ class MixedAttention(eqx.Module):
                 self_mask=cfg.self_mask)
             outs.append(out)
         y = jnp.concatenate(outs, axis=2).reshape(b, n, -1)
-        return self.wo(y), stats, centroids
+        return self.wo(y), stats
+
+    def prefill(
+        self,
+        x: Float[Array, "batch seq dmodel"],
+        centroids: Float[Array, "rheads clusters hdim"] | None,
+        *,
+        capacity: int,
+    ) -> tuple[Float[Array, "batch seq dmodel"], AttentionCache]:
+        """The forward pass over a prompt (exactly `__call__`'s outputs) and the decoding cache
+        it leaves; `capacity` is the longest sequence the cache will see (full and balanced
+        heads keep every token; local and causal routing heads need no more than their
+        windows)."""
+        _, kl, qr, kr, v = heads = self._project(x)
+        out, _ = self._attend(*heads, centroids, None)
+        nl, nf = self.counts.local, self.counts.full
+        cache = AttentionCache()
+        if nl:
+            slots = (self.local.look_back + 1) * self.local.window
+            (lk, pos), (lv, _) = ring_fill(kl[:, :, :nl], slots), ring_fill(v[:, :, :nl], slots)
+            cache = eqx.tree_at(lambda c: (c.local_k, c.local_v, c.local_pos), cache,
+                                (lk, lv, pos), is_leaf=lambda t: t is None)
+        if nf:
+            (fk, pos), (fv, _) = (ring_fill(kl[:, :, nl:], capacity),
+                                  ring_fill(v[:, :, nl: nl + nf], capacity))
+            cache = eqx.tree_at(lambda c: (c.full_k, c.full_v, c.full_pos), cache,
+                                (fk, fv, pos), is_leaf=lambda t: t is None)
+        if self.counts.routing:
+            cfg = self.routing
+            vr = v[:, :, nl + nf:]
+            q_hat, k_hat, s_q, s_k = self._route(qr, kr, centroids)
+            del q_hat, s_q
+            if cfg.assignment == "causal":
+                rk, rv, rpos, count = cluster_fill(jnp.argmax(s_k, -1), k_hat, vr,
+                                                   clusters=cfg.clusters, window=cfg.window)
+                cache = eqx.tree_at(
+                    lambda c: (c.route_k, c.route_v, c.route_pos, c.route_count), cache,
+                    (rk, rv, rpos, count), is_leaf=lambda t: t is None)
+            else:
+                (bk, pos), (bv, _), (bs, _) = (ring_fill(k_hat, capacity),
+                                               ring_fill(vr, capacity),
+                                               ring_fill(s_k, capacity))
+                cache = eqx.tree_at(lambda c: (c.bal_k, c.bal_v, c.bal_score, c.bal_pos), cache,
+                                    (bk, bv, bs, pos), is_leaf=lambda t: t is None)
+        return out, cache
+
+    def decode(
+        self,
+        x: Float[Array, "batch 1 dmodel"],
+        centroids: Float[Array, "rheads clusters hdim"] | None,
+        cache: AttentionCache,
+        pos: Int[Array, ""],
+    ) -> tuple[Float[Array, "batch 1 dmodel"], AttentionCache]:
+        """One new token at position `pos` (all earlier ones are in `cache`)."""
+        ql, kl, qr, kr, v = (None if t is None else t[:, 0] for t in self._project(x, pos))
+        nl, nf = self.counts.local, self.counts.full
+        outs = []
+        if nl:
+            k_buf, held = ring_push(cache.local_k, cache.local_pos, kl[:, :nl], pos)
+            v_buf, _ = ring_push(cache.local_v, cache.local_pos, v[:, :nl], pos)
+            w = self.local.window
+            visible = (held >= 0) & (held // w >= pos // w - self.local.look_back)
+            outs.append(attend_buffer(ql[:, :nl], k_buf, v_buf, visible[:, None, None, :],
+                                      scale=self.head_dim**-0.5))
+            cache = eqx.tree_at(lambda c: (c.local_k, c.local_v, c.local_pos), cache,
+                                (k_buf, v_buf, held))
+        if nf:
+            k_buf, held = ring_push(cache.full_k, cache.full_pos, kl[:, nl:], pos)
+            v_buf, _ = ring_push(cache.full_v, cache.full_pos, v[:, nl: nl + nf], pos)
+            outs.append(attend_buffer(ql[:, nl:], k_buf, v_buf, (held >= 0)[:, None, None, :],
+                                      scale=self.head_dim**-0.5))
+            cache = eqx.tree_at(lambda c: (c.full_k, c.full_v, c.full_pos), cache,
+                                (k_buf, v_buf, held))
+        if self.counts.routing:
+            cfg = self.routing
+            vr = v[:, nl + nf:]
+            q_hat, k_hat, s_q, s_k = self._route(qr, kr, centroids)
+            scale = logit_scale_value(cfg.logit_scale, self.head_dim)
+            if cfg.assignment == "causal":
+                cache = cluster_push(cache, jnp.argmax(s_k, -1), k_hat, vr, pos)
+                outs.append(cluster_attend(cache, jnp.argmax(s_q, -1), q_hat, pos, scale=scale,
+                                           self_mask=cfg.self_mask))
+            else:
+                bk, held = ring_push(cache.bal_k, cache.bal_pos, k_hat, pos)
+                bv, _ = ring_push(cache.bal_v, cache.bal_pos, vr, pos)
+                bs, _ = ring_push(cache.bal_score, cache.bal_pos, s_k, pos)
+                cache = eqx.tree_at(lambda c: (c.bal_k, c.bal_v, c.bal_score, c.bal_pos), cache,
+                                    (bk, bv, bs, held))
+                outs.append(balanced_decode(cache, q_hat, s_q, pos, window=cfg.window,
+                                            scale=scale, self_mask=cfg.self_mask))
+        y = jnp.concatenate([o.astype(v.dtype) for o in outs], axis=1).reshape(x.shape[0], 1, -1)
+        return self.wo(y), cache
+
+    def _route(self, qr, kr, centroids):
+        """Normalised q, k of the routing heads and their centroid scores, [..., heads, *]."""
+        cfg = self.routing
+        q_hat = normalize(qr, cfg.norm)
+        k_hat = q_hat if cfg.shared_qk else normalize(kr, cfg.norm)
+        mu = jax.lax.stop_gradient(centroids).astype(jnp.float32)
+        s_q = jnp.einsum("...hd,hkd->...hk", q_hat, mu)
+        s_k = s_q if cfg.shared_qk else jnp.einsum("...hd,hkd->...hk", k_hat, mu)
+        return q_hat, k_hat, s_q, s_k
 
     def _kmeans_init(self, qr, kr, mask, key, iters):
         cfg = self.routing

@@ -2,9 +2,10 @@
 
 import equinox as eqx
 import jax
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from rtlib.nn.attention import MixedAttention
+from rtlib.nn.cache import AttentionCache
 from rtlib.nn.layers import LayerNorm, Linear, dropout
 from rtlib.routing import RoutingStats
 from rtlib.spec.schema import HeadCounts, ModelSpec
@@ -69,14 +70,34 @@ class Block(eqx.Module):
     ) -> tuple[Float[Array, "batch seq dmodel"], RoutingStats | None, Array | None]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
         drop = lambda h, k: dropout(h, self.dropout, k, inference)  # noqa: E731
-        if self.pre_norm:
-            h, stats, used = self.attn(self.norm1(x), centroids, mask=mask, init_key=init_key,
-                                           init_iters=init_iters)
-            x = x + drop(h, k1)
-            x = x + drop(self.ffn(self.norm2(x)), k2)
-        else:
-            h, stats, used = self.attn(x, centroids, mask=mask, init_key=init_key,
-                                           init_iters=init_iters)
-            x = self.norm1(x + drop(h, k1))
-            x = self.norm2(x + drop(self.ffn(x), k2))
+        x, (stats, used) = self._residual(
+            x, lambda h: _split_first(self.attn(h, centroids, mask=mask, init_key=init_key,
+                                                init_iters=init_iters)),
+            lambda h: drop(h, k1), lambda h: drop(h, k2))
         return x, stats, used
+
+    def prefill(self, x: Float[Array, "batch seq dmodel"],
+                centroids: Float[Array, "rheads clusters hdim"] | None, *,
+                capacity: int) -> tuple[Float[Array, "batch seq dmodel"], AttentionCache]:
+        """Inference over a prompt, returning the attention's decoding cache."""
+        return self._residual(x, lambda h: self.attn.prefill(h, centroids, capacity=capacity))
+
+    def decode(self, x: Float[Array, "batch 1 dmodel"],
+               centroids: Float[Array, "rheads clusters hdim"] | None, cache: AttentionCache,
+               pos: Int[Array, ""]) -> tuple[Float[Array, "batch 1 dmodel"], AttentionCache]:
+        """One new token, reading and extending the cache."""
+        return self._residual(x, lambda h: self.attn.decode(h, centroids, cache, pos))
+
+    def _residual(self, x, attend, drop1=lambda h: h, drop2=lambda h: h):
+        """Pre- or post-norm residual wiring around `attend(h) -> (out, extra)`."""
+        if self.pre_norm:
+            h, extra = attend(self.norm1(x))
+            x = x + drop1(h)
+            return x + drop2(self.ffn(self.norm2(x))), extra
+        h, extra = attend(x)
+        x = self.norm1(x + drop1(h))
+        return self.norm2(x + drop2(self.ffn(x))), extra
+
+
+def _split_first(result):
+    return result[0], result[1:]

@@ -67,14 +67,17 @@ class Embedding(eqx.Module):
         return x @ self.weight.astype(x.dtype).T
 
 
-def rotary(x: Float[Array, "batch seq heads dim"]) -> Float[Array, "batch seq heads dim"]:
-    """Rotary position embedding over positions 0..seq-1 (an odd last channel is left as is)."""
+def rotary(x: Float[Array, "batch seq heads dim"],
+           offset: Int[Array, ""] | int = 0) -> Float[Array, "batch seq heads dim"]:
+    """Rotary position embedding over positions offset..offset+seq-1 (an odd last channel is
+    left as is). `offset` places one decoded token at its absolute position."""
     n, dim = x.shape[1], x.shape[-1]
     half = dim // 2
     if half == 0:
         return x
     freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = jnp.arange(n, dtype=jnp.float32)[:, None] * freq[None, :]  # [seq, half]
+    positions = jnp.arange(n, dtype=jnp.float32) + jnp.asarray(offset, jnp.float32)
+    angle = positions[:, None] * freq[None, :]  # [seq, half]
     cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
     xf = x.astype(jnp.float32)
     a, b, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]

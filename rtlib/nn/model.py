@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from rtlib.nn.block import Block
+from rtlib.nn.cache import AttentionCache
 from rtlib.nn.layers import Embedding, LayerNorm, Linear, dropout
 from rtlib.routing import KMeansState, RoutingState, RoutingStats, update_routing_state
 
@@ -82,25 +83,89 @@ class RoutingTransformer(eqx.Module):
         stages = tuple(None if c is None else KMeansState.from_centroids(c) for c in used)
         return RoutingState(stages, jnp.asarray(True))
 
-    def _forward(self, tokens, state, *, key, mask, inference, init_key=None, init_iters=10):
-        n = tokens.shape[1]
-        if n > self.seq_len:
-            raise ValueError(f"sequence of {n} tokens exceeds the model's seq_len={self.seq_len}")
+    def prefill(
+        self,
+        tokens: Int[Array, "batch seq"],
+        state: RoutingState,
+        *,
+        capacity: int,
+    ) -> tuple[Float[Array, "batch seq vocab"], "DecodeCache"]:
+        """Inference over a prompt in one pass: its logits (equal to `__call__`'s) and the cache
+        that `decode` continues from. `capacity`: the longest sequence the cache will hold
+        (prompt plus generated tokens); only full heads and balanced routing heads need it."""
+        self._check(tokens.shape[1], state)
+        h = self._embed(tokens, 0)
+        caches = []
+        for blocks, kstate in zip(self.stages, state.stages, strict=True):
+            params, static = eqx.partition(blocks, eqx.is_array)
+
+            def body(x, xs, static=static):
+                p, mu = xs
+                return eqx.combine(p, static).prefill(x, mu, capacity=capacity)
+
+            centroids = None if kstate is None else kstate.centroids
+            h, cache = jax.lax.scan(body, h, (params, centroids))
+            caches.append(cache)
+        return self._logits(h), DecodeCache(tuple(caches), jnp.asarray(tokens.shape[1], jnp.int32))
+
+    def decode(
+        self,
+        token: Int[Array, " batch"],
+        state: RoutingState,
+        cache: "DecodeCache",
+    ) -> tuple[Float[Array, "batch vocab"], "DecodeCache"]:
+        """Logits of the next position after one more token, and the extended cache."""
+        pos = cache.pos
+        h = self._embed(token[:, None], pos)
+        caches = []
+        for blocks, kstate, stage_cache in zip(self.stages, state.stages, cache.stages,
+                                               strict=True):
+            params, static = eqx.partition(blocks, eqx.is_array)
+
+            def body(x, xs, static=static):
+                p, mu, c = xs
+                return eqx.combine(p, static).decode(x, mu, c, pos)
+
+            centroids = None if kstate is None else kstate.centroids
+            h, new = jax.lax.scan(body, h, (params, centroids, stage_cache))
+            caches.append(new)
+        return self._logits(h)[:, 0], DecodeCache(tuple(caches), pos + 1)
+
+    def _check(self, n: int, state: RoutingState) -> None:
+        # Learned positions stop at seq_len; rotary (or no) positions run longer sequences.
+        if n > self.seq_len and self.positions is not None:
+            raise ValueError(f"sequence of {n} tokens exceeds the model's seq_len={self.seq_len} "
+                             "(learned position embeddings end there)")
         if len(state.stages) != len(self.stages):
             raise ValueError(f"routing state has {len(state.stages)} groups; the model has "
                              f"{len(self.stages)}: was it built from another spec?")
+
+    def _embed(self, tokens, offset):
+        h = self.embed(tokens)
+        if self.embed_proj is not None:
+            h = self.embed_proj(h)
+        if self.positions is not None:
+            h = h + jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[1])[None]
+        return h
+
+    def _logits(self, h):
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.unembed is not None:
+            return self.unembed(h)
+        if self.embed_proj is not None:
+            h = h @ self.embed_proj.weight.T
+        return self.embed.attend(h)
+
+    def _forward(self, tokens, state, *, key, mask, inference, init_key=None, init_iters=10):
+        self._check(tokens.shape[1], state)
         if key is None and self.dropout > 0 and not inference:
             raise ValueError("dropout > 0 in training needs a `key` (or pass inference=True)")
         keys = [None] * (len(self.stages) + 1) if key is None else \
             list(jax.random.split(key, len(self.stages) + 1))
         init_keys = [None] * len(self.stages) if init_key is None else \
             list(jax.random.split(init_key, len(self.stages)))
-        h = self.embed(tokens)
-        if self.embed_proj is not None:
-            h = self.embed_proj(h)
-        if self.positions is not None:
-            h = h + self.positions[None, :n]
-        h = dropout(h, self.dropout, keys[-1], inference)
+        h = dropout(self._embed(tokens, 0), self.dropout, keys[-1], inference)
         stats, used = [], []
         for blocks, kstate, k, ik in zip(self.stages, state.stages, keys, init_keys, strict=False):
             centroids = None if kstate is None else kstate.centroids
@@ -108,15 +173,15 @@ class RoutingTransformer(eqx.Module):
                                    init_key=ik, init_iters=init_iters, remat=self.remat)
             stats.append(s)
             used.append(c)
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        if self.unembed is not None:
-            logits = self.unembed(h)
-        else:
-            if self.embed_proj is not None:
-                h = h @ self.embed_proj.weight.T
-            logits = self.embed.attend(h)
-        return logits, tuple(stats), tuple(used)
+        return self._logits(h), tuple(stats), tuple(used)
+
+
+class DecodeCache(eqx.Module):
+    """Decoding state of a whole model: per stage, the layer-stacked `AttentionCache`s, and the
+    position of the next token. Its size does not depend on how many tokens were generated."""
+
+    stages: tuple[AttentionCache, ...]
+    pos: Int[Array, ""]
 
 
 def _scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_iters, remat):
