@@ -70,7 +70,7 @@ def main() -> None:
 
     t_cache, out_cache = timed(args.new, True)
     t_plain, out_plain = timed(steps, False)
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
         eqx.filter_eval_shape(lambda: model.prefill(jnp.asarray(prompt)[None], state,
                                                     capacity=total)[1])))
     print(json.dumps({
