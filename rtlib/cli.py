@@ -182,8 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--no-cache", action="store_true",
-                   help="recompute the whole sequence for every token instead of decoding "
-                   "with the cache (for comparison)")
+                   help="recompute the whole sequence for every token (learned positions: "
+                   "the last seq_len tokens) instead of decoding with the cache; for balanced "
+                   "routing heads the cache is an approximation, see README")
     p.set_defaults(fn=_cmd_generate)
 
     p = sub.add_parser("plot", help="PNG of the training and validation curves of a run")

@@ -87,7 +87,8 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
     With `use_cache` (default) the prompt is processed in one pass (`model.prefill`) and every
     new token costs one `model.decode` step: local and causal-routing heads keep fixed-size
     buffers, so memory does not grow with the generated length. Without it, every step
-    recomputes the whole sequence (a model with learned positions: the last seq_len tokens).
+    recomputes the whole sequence. A model with learned positions that would go past seq_len
+    always recomputes, over a sliding window of the last seq_len tokens.
     For causal routing and local heads both give the same logits (to float rounding); balanced
     routing is approximated by the cache (see `rtlib.nn.cache.balanced_decode`).
     `capacity` (default: prompt + new tokens) sizes the full-head and balanced buffers and the
@@ -104,10 +105,9 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
     sampling.check(limit)
     total = max(len(prompt) + max_new_tokens, capacity or 0)
     learned = model.positions is not None
-    if use_cache and learned and total > model.seq_len:
-        raise BadArgument(f"{total} tokens exceed seq_len={model.seq_len}, where learned "
-                          "position embeddings end: generate fewer, or recompute a sliding "
-                          "window without the cache (--no-cache)")
+    if learned and total - 1 > model.seq_len:
+        # learned positions end at seq_len: only a sliding window of recomputation goes on
+        use_cache = False
     temperature = jnp.asarray(sampling.temperature, jnp.float32)
     choose = functools.partial(pick, temperature=temperature, top_k=sampling.top_k,
                                top_p=sampling.top_p, vocab_limit=limit)

@@ -13,7 +13,6 @@ from conftest import max_abs
 
 from rtlib.build import build
 from rtlib.cli import main
-from rtlib.errors import BadArgument
 from rtlib.sample import Sampling, generate
 from rtlib.spec.load import load_spec
 
@@ -71,13 +70,16 @@ def test_the_cache_does_not_grow_with_generated_tokens(getkey):
     def nbytes(cache):
         return sum(x.nbytes for x in jax.tree.leaves(cache))
 
+    def shapes(cache):
+        return [x.shape for x in jax.tree.leaves(cache)]
+
     _, short = model.prefill(tokens, state, capacity=16)
     _, long = model.prefill(tokens, state, capacity=100_000)
-    assert jax.tree.map(jnp.shape, short) == jax.tree.map(jnp.shape, long)
+    assert shapes(short) == shapes(long)
     grown = short
     for t in range(40):
         _, grown = eqx.filter_jit(model.decode)(jnp.asarray([t]), state, grown)
-    assert jax.tree.map(jnp.shape, grown) == jax.tree.map(jnp.shape, short)
+    assert shapes(grown) == shapes(short)
     # local ring (2 blocks of 16) + per-cluster rings (4 clusters x 16) for 2 heads x 2 layers
     layers, heads, dim, clusters, window, slots = 2, 2, 8, 4, 16, 32
     floats = layers * (2 * slots * heads * dim + 2 * heads * clusters * window * dim)
@@ -95,14 +97,22 @@ def test_balanced_cache_is_exact_when_one_cluster_holds_everything(getkey):
     assert max_abs(cached, full) < 1e-5
 
 
-def test_learned_positions_limit_cached_generation(getkey):
+def test_limits_of_the_cache_are_errors_or_fallbacks(getkey):
     model, state = model_for("model.embedding.positions=learned")
-    with pytest.raises(BadArgument, match="--no-cache"):
-        generate(model, state, np.array([1, 2]), max_new_tokens=70,
-                 sampling=Sampling(temperature=0.0), key=getkey())
-    out = generate(model, state, np.array([1, 2]), max_new_tokens=70, use_cache=False,
-                   sampling=Sampling(temperature=0.0), key=getkey())
-    assert len(out) == 72
+    kw = dict(sampling=Sampling(temperature=0.0), key=getkey())
+    # past seq_len a learned-position model falls back to a sliding window of recomputation
+    long = generate(model, state, np.array([1, 2]), max_new_tokens=70, **kw)
+    np.testing.assert_array_equal(long, generate(model, state, np.array([1, 2]),
+                                                 max_new_tokens=70, use_cache=False, **kw))
+    _, cache = model.prefill(jnp.asarray([[1, 2]]), state, capacity=2)
+    cache = eqx.tree_at(lambda c: c.pos, cache, jnp.asarray(64, jnp.int32))
+    with pytest.raises(Exception, match="position beyond seq_len"):
+        jax.block_until_ready(model.decode(jnp.asarray([3]), state, cache))
+    with pytest.raises(ValueError, match="capacity=1 is smaller than the prompt"):
+        model.prefill(jnp.asarray([[1, 2]]), state, capacity=1)
+    encoder, enc_state = model_for("model.kind=encoder")
+    with pytest.raises(ValueError, match="need a decoder"):
+        encoder.prefill(jnp.asarray([[1, 2]]), enc_state, capacity=4)
 
 
 def test_cli_generate_is_the_same_with_and_without_the_cache(text_store, tmp_path, capsys):

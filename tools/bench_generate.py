@@ -92,7 +92,9 @@ def deviation(run_dir: str, length: int) -> dict:
 
     spec, ts, step = load_run(run_dir)
     model, state = ts.model, ts.routing
-    tokens = jnp.asarray(TokenStore.open(spec.data.path).read("valid", 0, length))[None]
+    store = TokenStore.open(spec.data.path)
+    length = min(length, store.num_tokens("valid"))
+    tokens = jnp.asarray(store.read("valid", 0, length))[None]
     _, cache = eqx.filter_jit(model.prefill)(tokens[:, :1], state, capacity=length)
     cached = [eqx.filter_jit(model)(tokens[:, :1], state, inference=True)[0][0, 0]]
     decode = eqx.filter_jit(model.decode)

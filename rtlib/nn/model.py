@@ -92,8 +92,15 @@ class RoutingTransformer(eqx.Module):
     ) -> tuple[Float[Array, "batch seq vocab"], "DecodeCache"]:
         """Inference over a prompt in one pass: its logits (equal to `__call__`'s) and the cache
         that `decode` continues from. `capacity`: the longest sequence the cache will hold
-        (prompt plus generated tokens); only full heads and balanced routing heads need it."""
+        (prompt plus generated tokens); only full heads and balanced routing heads need it.
+        Prompts of a batch share one length (no padding mask here)."""
         self._check(tokens.shape[1], state)
+        if not self.causal:
+            raise ValueError("prefill/decode generate left to right: they need a decoder "
+                             "(model.kind: decoder)")
+        if capacity < tokens.shape[1]:
+            raise ValueError(f"capacity={capacity} is smaller than the prompt "
+                             f"({tokens.shape[1]} tokens)")
         h = self._embed(tokens, 0)
         caches = []
         for blocks, kstate in zip(self.stages, state.stages, strict=True):
@@ -106,7 +113,8 @@ class RoutingTransformer(eqx.Module):
             centroids = None if kstate is None else kstate.centroids
             h, cache = jax.lax.scan(body, h, (params, centroids))
             caches.append(cache)
-        return self._logits(h), DecodeCache(tuple(caches), jnp.asarray(tokens.shape[1], jnp.int32))
+        return self._logits(h), DecodeCache(tuple(caches), jnp.asarray(tokens.shape[1], jnp.int32),
+                                            capacity)
 
     def decode(
         self,
@@ -116,6 +124,12 @@ class RoutingTransformer(eqx.Module):
     ) -> tuple[Float[Array, "batch vocab"], "DecodeCache"]:
         """Logits of the next position after one more token, and the extended cache."""
         pos = cache.pos
+        if self.positions is not None:  # a learned table would silently clamp
+            pos = eqx.error_if(pos, pos >= self.seq_len, "decode: position beyond seq_len, "
+                               "where the learned position embeddings end")
+        if any(c.full_k is not None or c.bal_k is not None for c in cache.stages):
+            pos = eqx.error_if(pos, pos >= cache.capacity, "decode: the cache is full "
+                               "(prefill with a larger capacity)")
         h = self._embed(token[:, None], pos)
         caches = []
         for blocks, kstate, stage_cache in zip(self.stages, state.stages, cache.stages,
@@ -129,7 +143,7 @@ class RoutingTransformer(eqx.Module):
             centroids = None if kstate is None else kstate.centroids
             h, new = jax.lax.scan(body, h, (params, centroids, stage_cache))
             caches.append(new)
-        return self._logits(h)[:, 0], DecodeCache(tuple(caches), pos + 1)
+        return self._logits(h)[:, 0], DecodeCache(tuple(caches), pos + 1, cache.capacity)
 
     def _check(self, n: int, state: RoutingState) -> None:
         # Learned positions stop at seq_len; rotary (or no) positions run longer sequences.
@@ -182,6 +196,7 @@ class DecodeCache(eqx.Module):
 
     stages: tuple[AttentionCache, ...]
     pos: Int[Array, ""]
+    capacity: int = eqx.field(static=True)  # tokens the full / balanced buffers can hold
 
 
 def _scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_iters, remat):
