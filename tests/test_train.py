@@ -124,11 +124,11 @@ def test_micro_batches_match_one_batch(text_store, tmp_path):
     spec1 = spec_for(text_store, tmp_path, "train.micro_batches=1")
     batch = jnp.asarray(train_dataset(TokenStore.open(text_store), "train", seq_len=64,
                                       batch_size=4, seed=0)[0])
-    start = init_routing(batch, fresh_state(spec1), jax.random.key(0))
+    start = init_routing(batch, fresh_state(spec1), key=jax.random.key(0))
     # dropout is 0, so the per-micro-batch keys do not matter
     one, m1 = train_step_for(spec1)(batch, start)
     two, m2 = train_step_for(spec2)(batch, init_routing(batch, fresh_state(spec2),
-                                                        jax.random.key(0)))
+                                                        key=jax.random.key(0)))
     assert abs(float(m1["lm_loss"]) - float(m2["lm_loss"])) < 1e-5
     assert abs(float(m1["grad_norm"]) - float(m2["grad_norm"])) < 1e-4
     assert tree_max_abs(eqx.filter(one.model, eqx.is_array),

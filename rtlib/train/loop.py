@@ -198,7 +198,7 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
                 t0 = time.perf_counter()
                 tokens = jnp.asarray(next(data))
                 if not bool(ts.routing.initialised):
-                    ts = init_routing(tokens, ts, jax.random.fold_in(
+                    ts = init_routing(tokens, ts, key=jax.random.fold_in(
                         jax.random.key(spec.run.seed), 0x5EED))
                     bar.write("routing centroids initialised by k-means on the first batch")
                 ts, m = step_fn(tokens, ts)

@@ -126,7 +126,7 @@ def _train_step(key: str):
 
 
 @eqx.filter_jit
-def init_routing(tokens: Int[Array, "batch seq_plus_one"], ts: TrainState,
+def init_routing(tokens: Int[Array, "batch seq_plus_one"], ts: TrainState, *,
                  key: PRNGKeyArray) -> TrainState:
     """Data-dependent centroid initialisation (`routing.init: kmeans`) from a training batch."""
     routing = ts.model.init_routing(tokens[:, :-1], ts.routing, key=key)
