@@ -44,8 +44,13 @@ def _cmd_inspect(args) -> int:
 def _cmd_prepare(args) -> int:
     from rtlib.data.prepare import prepare
 
+    from rtlib.data.store import MANIFEST, open_kvstore
+
+    before = open_kvstore(args.out).read(MANIFEST).result()
     m = prepare(args.source, args.out, kind=args.kind, glob=args.glob, valid=args.valid,
                 test=args.test, seed=args.seed, doc_bytes=args.doc_bytes, force=args.force)
+    if before.state == "value" and json.loads(bytes(before.value)) == m:
+        print(f"{args.out}: already prepared from this source with these settings; kept")
     counts = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} documents"
                        for s, v in m["splits"].items())
     print(f"{args.out}: {counts}; source sha256 {m['source']['sha256'][:16]}")

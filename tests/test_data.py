@@ -102,7 +102,7 @@ def test_prepare_errors_are_clear_and_lose_nothing(tmp_path, monkeypatch, capsys
     expected = {
         "missing": "no such file or directory", "no_match": "no files match '*.md'",
         "empty": "the corpus is empty", "unreadable": "cannot read: Permission denied",
-        "exists": "already there; pass --force", "not_a_store": "no token store here",
+        "exists": "from another source or split is already there; pass --force", "not_a_store": "no token store here",
         "bad_npy": "not a readable .npy array",
         "bad_fraction": "split fractions valid=1.5, test=0.05 must be in [0, 1)",
         "bad_doc_bytes": "doc_bytes must be >= 1, got 0",
@@ -129,6 +129,10 @@ def test_prepare_errors_are_clear_and_lose_nothing(tmp_path, monkeypatch, capsys
     elif case == "exists":
         assert main(args) == 0
         before = (out / MANIFEST).read_bytes()
+        assert main(args) == 0  # the same source again: kept as it is
+        assert "already prepared" in capsys.readouterr().out
+        assert (out / MANIFEST).read_bytes() == before
+        args += ["--seed", "1"]  # another split
     elif case == "not_a_store":
         with pytest.raises(StoreError, match=expected):
             TokenStore.open(str(out))

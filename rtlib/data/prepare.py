@@ -42,14 +42,15 @@ def prepare(source: str, out: str, *, kind: str = "auto", glob: str | None = Non
             force: bool = False, progress: bool = True) -> dict:
     """Tokenise `source` into a token store at `out`; returns the manifest.
 
-    An existing complete store is never overwritten unless `force`. The manifest is written
-    last: an interrupted run leaves no manifest, so nothing half-written is ever read.
+    An existing store made from the same source with the same split settings is left as it is
+    (and its manifest returned); another existing store is only replaced with `force`. The
+    manifest is written last: an interrupted run leaves no manifest, so nothing half-written is
+    ever read.
     """
     if doc_bytes < 1:
         raise BadArgument(f"doc_bytes must be >= 1, got {doc_bytes}")
     kv = open_kvstore(out)
-    if kv.read(MANIFEST).result().state == "value" and not force:
-        raise StoreError(f"{out}: a token store is already there; pass --force to replace it")
+    found = kv.read(MANIFEST).result()
     docs, described = collect(source, kind=kind, glob=glob, doc_bytes=doc_bytes)
     tokenizer = ByteTokenizer()
     chosen = assign_splits([d.id for d in docs], valid=valid, test=test, seed=seed)
@@ -60,18 +61,25 @@ def prepare(source: str, out: str, *, kind: str = "auto", glob: str | None = Non
             contents[split] = [(docs[i].id, _load(docs[i], bar)) for i in idx]
     if not any(data for part in contents.values() for _, data in part):
         raise SourceError(f"{source}: the corpus is empty (0 bytes in {len(docs)} document(s))")
+    digest = _digest(contents)
+    settings = {"valid": valid, "test": test, "seed": seed, "by": "document"}
+    if found.state == "value" and not force:
+        old = json.loads(bytes(found.value))
+        if old.get("source", {}).get("sha256") == digest and old.get("split") == settings:
+            return old  # already prepared from exactly this: nothing to do
+        raise StoreError(f"{out}: a token store from another source or split is already there; "
+                         "pass --force to replace it")
     # From here on the old store (if --force) is gone: drop its manifest first, so an
     # interrupted write leaves no manifest and is never read as complete.
     kv.write(MANIFEST, None).result()
-    digest = hashlib.sha256()
-    splits = {split: _write_split(out, split, part, tokenizer, digest)
+    splits = {split: _write_split(out, split, part, tokenizer)
               for split, part in contents.items()}
     manifest = {
         "format": FORMAT, "version": 1,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "tokenizer": tokenizer.describe(), "dtype": np.dtype(tokenizer.dtype).name,
-        "source": {**described, "documents": len(docs), "sha256": digest.hexdigest()},
-        "split": {"valid": valid, "test": test, "seed": seed, "by": "document"},
+        "source": {**described, "documents": len(docs), "sha256": digest},
+        "split": settings,
         "splits": splits,
     }
     kv.write(MANIFEST, json.dumps(manifest, indent=1).encode()).result()
@@ -84,17 +92,26 @@ def _load(doc: Document, bar) -> bytes:
     return data
 
 
-def _write_split(out: str, split: str, docs: list[tuple[str, bytes]], tokenizer: ByteTokenizer,
-                 digest) -> dict:
+def _digest(contents: dict[str, list[tuple[str, bytes]]]) -> str:
+    """SHA-256 over every non-empty document with its split and name, in store order."""
+    digest = hashlib.sha256()
+    for split, docs in contents.items():
+        for name, data in docs:
+            if data:
+                digest.update(f"{split}\0{name}\0{len(data)}\0".encode())
+                digest.update(data)
+    return digest.hexdigest()
+
+
+def _write_split(out: str, split: str, docs: list[tuple[str, bytes]],
+                 tokenizer: ByteTokenizer) -> dict:
     """Write one split (empty documents are dropped). The corpus is held in memory once;
     corpora larger than memory need a streaming writer, not needed so far."""
     docs = [(name, data) for name, data in docs if data]
     boundaries = np.concatenate([[0], np.cumsum([len(d) for _, d in docs], dtype=np.int64)])
     array = split_array(out, split, create_shape=int(boundaries[-1]), dtype=tokenizer.dtype)
     pos, buffer, buffered = 0, [], 0
-    for name, data in docs:
-        digest.update(f"{split}\0{name}\0{len(data)}\0".encode())
-        digest.update(data)
+    for _, data in docs:
         buffer.append(data)
         buffered += len(data)
         if buffered >= WRITE_BLOCK:
