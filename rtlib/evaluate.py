@@ -3,9 +3,7 @@
 import math
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
@@ -41,6 +39,3 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
     return {"split": split, "tokens": int(total), "nll": nll, "bits_per_token": nll / math.log(2),
             "bits_per_byte": nll / math.log(2) / bytes_per_token, "perplexity": math.exp(nll)}
 
-
-def bits(nats: float | np.floating | jax.Array) -> float:
-    return float(nats) / math.log(2)

@@ -18,7 +18,7 @@ from rtlib.nn.cache import (
 )
 from rtlib.nn.layers import Linear, rotary
 from rtlib.routing import RoutingStats, kmeans_init, normalize, routing_attention
-from rtlib.routing.assign import logit_scale_value
+from rtlib.routing.assign import logit_scale_value, route_scores
 from rtlib.spec.schema import HeadCounts, LocalHeads, ModelSpec, RoutingHeads
 
 
@@ -130,34 +130,27 @@ class MixedAttention(eqx.Module):
         _, kl, qr, kr, v = heads = self._project(x)
         out, _ = self._attend(*heads, centroids, None)
         nl, nf = self.counts.local, self.counts.full
-        cache = AttentionCache()
+        fields = {}
         if nl:
             slots = (self.local.look_back + 1) * self.local.window
-            (lk, pos), (lv, _) = ring_fill(kl[:, :, :nl], slots), ring_fill(v[:, :, :nl], slots)
-            cache = eqx.tree_at(lambda c: (c.local_k, c.local_v, c.local_pos), cache,
-                                (lk, lv, pos), is_leaf=lambda t: t is None)
+            fields["local_k"], fields["local_pos"] = ring_fill(kl[:, :, :nl], slots)
+            fields["local_v"], _ = ring_fill(v[:, :, :nl], slots)
         if nf:
-            (fk, pos), (fv, _) = (ring_fill(kl[:, :, nl:], capacity),
-                                  ring_fill(v[:, :, nl: nl + nf], capacity))
-            cache = eqx.tree_at(lambda c: (c.full_k, c.full_v, c.full_pos), cache,
-                                (fk, fv, pos), is_leaf=lambda t: t is None)
+            fields["full_k"], fields["full_pos"] = ring_fill(kl[:, :, nl:], capacity)
+            fields["full_v"], _ = ring_fill(v[:, :, nl: nl + nf], capacity)
         if self.counts.routing:
             cfg = self.routing
             vr = v[:, :, nl + nf:]
-            q_hat, k_hat, s_q, s_k = self._route(qr, kr, centroids)
-            del q_hat, s_q
+            _, k_hat, _, s_k = self._route(qr, kr, centroids)
             if cfg.assignment == "causal":
-                rk, rv, rpos, count = cluster_fill(jnp.argmax(s_k, -1), k_hat, vr,
-                                                   clusters=cfg.clusters, window=cfg.window)
-                cache = eqx.tree_at(
-                    lambda c: (c.route_k, c.route_v, c.route_pos, c.route_count), cache,
-                    (rk, rv, rpos, count), is_leaf=lambda t: t is None)
+                (fields["route_k"], fields["route_v"], fields["route_pos"],
+                 fields["route_count"]) = cluster_fill(jnp.argmax(s_k, -1), k_hat, vr,
+                                                       clusters=cfg.clusters, window=cfg.window)
             else:
-                (bk, pos), (bv, _), (bs, _) = (ring_fill(k_hat, capacity),
-                                               ring_fill(vr, capacity),
-                                               ring_fill(s_k, capacity))
-                cache = eqx.tree_at(lambda c: (c.bal_k, c.bal_v, c.bal_score, c.bal_pos), cache,
-                                    (bk, bv, bs, pos), is_leaf=lambda t: t is None)
+                fields["bal_k"], fields["bal_pos"] = ring_fill(k_hat, capacity)
+                fields["bal_v"], _ = ring_fill(vr, capacity)
+                fields["bal_score"], _ = ring_fill(s_k, capacity)
+        cache = AttentionCache(**fields)
         return out, cache
 
     def decode(
@@ -208,14 +201,16 @@ class MixedAttention(eqx.Module):
         return self.wo(y), cache
 
     def _route(self, qr, kr, centroids):
-        """Normalised q, k of the routing heads and their centroid scores, [..., heads, *]."""
+        """Normalised q, k of the routing heads and their centroid scores, [..., heads, *],
+        by the same `route_scores` as the full forward pass (so both pick the same clusters)."""
         cfg = self.routing
-        q_hat = normalize(qr, cfg.norm)
-        k_hat = q_hat if cfg.shared_qk else normalize(kr, cfg.norm)
-        mu = jax.lax.stop_gradient(centroids).astype(jnp.float32)
-        s_q = jnp.einsum("...hd,hkd->...hk", q_hat, mu)
-        s_k = s_q if cfg.shared_qk else jnp.einsum("...hd,hkd->...hk", k_hat, mu)
-        return q_hat, k_hat, s_q, s_k
+
+        def per_head(q, k, mu):  # q, k: [..., dim] of one head, flattened to [points, dim]
+            flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+            out = route_scores(flat(q), flat(k), mu, norm=cfg.norm, shared_qk=cfg.shared_qk)
+            return tuple(t.reshape(*q.shape[:-1], t.shape[-1]) for t in out)
+
+        return jax.vmap(per_head, in_axes=(-2, -2, 0), out_axes=-2)(qr, kr, centroids)
 
     def _kmeans_init(self, qr, kr, mask, key, iters):
         cfg = self.routing

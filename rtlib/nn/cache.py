@@ -26,20 +26,21 @@ EMPTY = -1
 class AttentionCache(eqx.Module):
     """One attention layer's decoding state; fields of absent head kinds are None."""
 
-    local_k: Float[Array, "batch slots heads dim"] | None = None
-    local_v: Float[Array, "batch slots heads dim"] | None = None
-    local_pos: Int[Array, "batch slots"] | None = None
-    full_k: Float[Array, "batch slots heads dim"] | None = None
-    full_v: Float[Array, "batch slots heads dim"] | None = None
-    full_pos: Int[Array, "batch slots"] | None = None
-    route_k: Float[Array, "batch heads clusters window dim"] | None = None
-    route_v: Float[Array, "batch heads clusters window dim"] | None = None
-    route_pos: Int[Array, "batch heads clusters window"] | None = None
-    route_count: Int[Array, "batch heads clusters"] | None = None
-    bal_k: Float[Array, "batch slots heads dim"] | None = None
-    bal_v: Float[Array, "batch slots heads dim"] | None = None
-    bal_score: Float[Array, "batch slots heads clusters"] | None = None
-    bal_pos: Int[Array, "batch slots"] | None = None
+    # Dimension names differ per head kind: each kind has its own slot and head counts.
+    local_k: Float[Array, "batch lslots lheads dim"] | None = None
+    local_v: Float[Array, "batch lslots lheads dim"] | None = None
+    local_pos: Int[Array, "batch lslots"] | None = None
+    full_k: Float[Array, "batch fslots fheads dim"] | None = None
+    full_v: Float[Array, "batch fslots fheads dim"] | None = None
+    full_pos: Int[Array, "batch fslots"] | None = None
+    route_k: Float[Array, "batch rheads clusters window dim"] | None = None
+    route_v: Float[Array, "batch rheads clusters window dim"] | None = None
+    route_pos: Int[Array, "batch rheads clusters window"] | None = None
+    route_count: Int[Array, "batch rheads clusters"] | None = None
+    bal_k: Float[Array, "batch bslots rheads dim"] | None = None
+    bal_v: Float[Array, "batch bslots rheads dim"] | None = None
+    bal_score: Float[Array, "batch bslots rheads clusters"] | None = None
+    bal_pos: Int[Array, "batch bslots"] | None = None
 
 
 # ---- ring buffers of whole positions (local, full and balanced heads) -------------------------
