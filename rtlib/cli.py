@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 
+from rtlib.errors import BadArgument
 from rtlib.spec.load import SpecError, load_spec
 
 EXIT_ERROR = 1  # data, run directory or checkpoint problems
@@ -16,8 +17,17 @@ def _cmd_validate(args) -> int:
     plan = spec.model.layer_plan()
     kinds = ", ".join(f"{c.local} local + {c.full} full + {c.routing} routing" for c in
                       dict.fromkeys(plan))
+    mesh = ""
+    if args.devices is not None:
+        from rtlib.parallel.mesh import mesh_shape
+
+        if args.devices < 1:
+            raise BadArgument(f"--devices must be >= 1, got {args.devices}")
+        sizes = mesh_shape(spec, args.devices)
+        mesh = f"; mesh on {args.devices} devices: " + " x ".join(f"{a}={v}"
+                                                                   for a, v in sizes.items())
     print(f"{args.spec}: OK ({spec.model.kind}, {spec.model.n_layers} layers; heads per layer: "
-          f"{kinds})")
+          f"{kinds}{mesh})")
     return 0
 
 
@@ -199,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a spec; exit 2 with the reasons if it is invalid")
     spec_args(p)
+    p.add_argument("--devices", type=int, help="also check the mesh on this many devices "
+                   "(fills a -1 size; every array must split evenly)")
     p.set_defaults(fn=_cmd_validate)
     p = sub.add_parser("inspect", help="parameters, FLOPs per token, activation memory")
     spec_args(p)
@@ -210,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rtlib.data.sources import SourceError
     from rtlib.data.store import StoreError
-    from rtlib.errors import BadArgument
+    from rtlib.parallel import DistributedError, MeshError
     from rtlib.train.checkpoint import CheckpointError
     from rtlib.train.loop import NonFiniteLoss
     from rtlib.train.run_dir import RunError
@@ -226,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except SpecError as e:
+    except (SpecError, MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
-    except (SourceError, StoreError, CheckpointError, RunError) as e:
+    except (SourceError, StoreError, CheckpointError, RunError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except BadArgument as e:

@@ -1,16 +1,22 @@
 """Scoring a model on a split of a token store: nll, bits per token and per byte, perplexity."""
 
+import contextlib
 import math
 
 import equinox as eqx
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from rtlib.data.pipeline import eval_batches
 from rtlib.data.store import TokenStore
 from rtlib.nn.model import RoutingTransformer
+from rtlib.parallel import activate, from_global
+from rtlib.parallel.rules import to_mesh
 from rtlib.routing import RoutingState
+from rtlib.spec.schema import AxisRules
 
 
 @eqx.filter_jit
@@ -25,15 +31,25 @@ def _nll_sum(model: RoutingTransformer, routing: RoutingState,
 
 
 def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore, split: str, *,
-             batch_size: int, max_tokens: int | None = None) -> dict:
+             batch_size: int, max_tokens: int | None = None, mesh: Mesh | None = None,
+             rules: AxisRules | None = None) -> dict:
     """Every target token of the split (or its first `max_tokens`) scored once, in consecutive
-    windows of the model's seq_len. Byte-level tokens: bits per byte = bits per token."""
+    windows of the model's seq_len. Byte-level tokens: bits per byte = bits per token.
+    With a `mesh` (the model sharded on it), batches are split over its data axes; every
+    process passes the same arguments."""
     total_nll, total = 0.0, 0.0
-    for tokens, mask in eval_batches(store, split, seq_len=model.seq_len, batch_size=batch_size,
-                                     max_tokens=max_tokens):
-        nll, count = _nll_sum(model, routing, jnp.asarray(tokens), jnp.asarray(mask))
-        total_nll += float(nll)
-        total += float(count)
+    rows = None if mesh is None else NamedSharding(
+        mesh, to_mesh(P("batch", None), rules or AxisRules(), mesh))
+    with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
+        for tokens, mask in eval_batches(store, split, seq_len=model.seq_len,
+                                         batch_size=batch_size, max_tokens=max_tokens):
+            if rows is None:
+                tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+            else:
+                tokens, mask = from_global(tokens, rows), from_global(mask, rows)
+            nll, count = _nll_sum(model, routing, tokens, mask)
+            total_nll += float(nll)
+            total += float(count)
     nll = total_nll / total
     bytes_per_token = 1.0  # byte tokenizer; a subword tokenizer would record its ratio
     return {"split": split, "tokens": int(total), "nll": nll, "bits_per_token": nll / math.log(2),

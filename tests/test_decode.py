@@ -121,7 +121,7 @@ def test_cli_generate_is_the_same_with_and_without_the_cache(text_store, tmp_pat
     run_dir = tmp_path / "causal"
     train(load_spec(TINY_CAUSAL, [f"data.path={text_store}", f"run.dir={run_dir}",
                                   "train.steps=3", "train.batch_size=4", "run.sample_tokens=0",
-                                  "data.eval_tokens=128"]), progress=False)
+                                  "data.eval_tokens=128", "mesh.data=1"]), progress=False)
     capsys.readouterr()
     args = ["generate", str(run_dir), "--prompt", "line 3 of", "--max-new-tokens", "80",
             "--temperature", "0"]

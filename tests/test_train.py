@@ -33,7 +33,7 @@ TINY = str(ROOT / "specs" / "tiny.yaml")
 BASE = ["train.batch_size=4", "train.micro_batches=2", "train.lr=3e-3", "train.warmup_steps=2",
         "train.schedule=constant", "run.log_every=1", "run.eval_every=0",
         "run.checkpoint_every=2", "run.checkpoint_minutes=null", "run.sample_tokens=0",
-        "data.eval_tokens=256"]
+        "data.eval_tokens=256", "mesh.data=1"]
 TIMING = {"tokens_per_s", "step_s"}
 
 
@@ -142,8 +142,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text_store, tm
                                                                   monkeypatch, capsys, poison):
     real = loop.train_step_for
 
-    def poisoned(spec):
-        step = real(spec)
+    def poisoned(spec, mesh=None):
+        step = real(spec, mesh)
 
         def wrapped(batch, ts):
             ts, m = step(batch, ts)

@@ -2,9 +2,11 @@
 
 Training: an epoch is the split cut into windows of `seq_len + 1` tokens; each epoch visits them
 in a seeded shuffled order (a new order every epoch) and shifts each window by a seeded random
-jitter, so every offset can be seen. The global stream is dealt round-robin to processes
-(element i goes to process i mod P), so P processes together read exactly what one process
-would. The iterator's state (one integer per process) goes into checkpoints.
+jitter, so every offset can be seen. The global stream is cut into per-process blocks of rows:
+global batch s is windows [s * B, (s + 1) * B), and data shard p of P reads rows
+[p * B / P, (p + 1) * B / P) of it, so P processes together hold exactly the batch one process
+would, row for row. The iterator's state (one integer, the same on every process) goes into
+checkpoints.
 """
 
 from collections.abc import Iterator
@@ -17,7 +19,9 @@ from rtlib.data.store import StoreError, TokenStore
 
 def train_dataset(store: TokenStore, split: str, *, seq_len: int, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Batches of int32 [batch_size // process_count, seq_len + 1] for this process."""
+    """Batches of int32 [batch_size // process_count, seq_len + 1]: this data shard's rows of
+    every global batch (`process_index` / `process_count` count data shards, see
+    `rtlib.parallel.data_shard`)."""
     if batch_size % process_count:
         raise ValueError(f"global batch {batch_size} is not divisible by {process_count} "
                          "processes")
@@ -37,8 +41,8 @@ def train_dataset(store: TokenStore, split: str, *, seq_len: int, batch_size: in
             .shuffle(seed=seed)
             .repeat()
             .random_map(read, seed=seed + 1)  # before sharding: jitter keyed by global index
-            [process_index::process_count]
-            .batch(batch_size // process_count, drop_remainder=True))
+            .batch(batch_size // process_count, drop_remainder=True)
+            [process_index::process_count])  # lazy: a shard reads only its own blocks
 
 
 def train_iterator(dataset: grain.MapDataset, *, threads: int, prefetch: int):

@@ -1,8 +1,11 @@
 """One attention layer whose heads mix local, full and routing attention."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from rtlib.attention import full_attention, local_attention
@@ -17,9 +20,13 @@ from rtlib.nn.cache import (
     ring_push,
 )
 from rtlib.nn.layers import Linear, rotary
+from rtlib.parallel.context import per_device, psum
 from rtlib.routing import RoutingStats, kmeans_init, normalize, routing_attention
 from rtlib.routing.assign import logit_scale_value, route_scores
 from rtlib.spec.schema import HeadCounts, LocalHeads, ModelSpec, RoutingHeads
+
+_BSHD = P("batch", None, "heads", None)  # logical layout of q, k, v and outputs
+_BS = P("batch", None)
 
 
 class MixedAttention(eqx.Module):
@@ -74,7 +81,7 @@ class MixedAttention(eqx.Module):
         """(q, k of local + full heads, q, k of routing heads, v), positions from `offset`."""
         b, n, _ = x.shape
         nl, nf, nr = self.counts.local, self.counts.full, self.counts.routing
-        split = lambda t, h: t.reshape(b, n, h, self.head_dim)  # noqa: E731
+        split = lambda t, h: t.reshape(b, n, h, self.head_dim)
         q = split(self.wq(x), self.counts.total)
         v = split(self.wv(x), self.counts.total)
         k = None if self.wk is None else split(self.wk(x), self.wk.weight.shape[1] // self.head_dim)
@@ -93,25 +100,45 @@ class MixedAttention(eqx.Module):
         return ql, kl, qr, kr, v
 
     def _attend(self, ql, kl, qr, kr, v, centroids, mask):
+        """Each head kind runs per device (batch and heads split over the active mesh, see
+        `rtlib.parallel`); routing statistics are summed over every device before they leave."""
         b, n = v.shape[:2]
         nl, nf, nr = self.counts.local, self.counts.full, self.counts.routing
         outs = []
         if nl:
-            outs.append(local_attention(
-                ql[:, :, :nl], kl[:, :, :nl], v[:, :, :nl], window=self.local.window,
-                causal=self.causal, look_back=self.local.look_back,
-                look_ahead=self.local.look_ahead, q_mask=mask, kv_mask=mask))
+            local = functools.partial(
+                local_attention, window=self.local.window, causal=self.causal,
+                look_back=self.local.look_back, look_ahead=self.local.look_ahead)
+            outs.append(per_device(
+                lambda q, k, v, m: local(q, k, v, q_mask=m, kv_mask=m),
+                ql[:, :, :nl], kl[:, :, :nl], v[:, :, :nl], mask,
+                in_specs=(_BSHD, _BSHD, _BSHD, _BS), out_specs=_BSHD))
         if nf:
-            outs.append(full_attention(ql[:, :, nl:], kl[:, :, nl:], v[:, :, nl : nl + nf],
-                                       causal=self.causal, q_mask=mask, kv_mask=mask))
+            outs.append(per_device(
+                lambda q, k, v, m: full_attention(q, k, v, causal=self.causal, q_mask=m,
+                                                  kv_mask=m),
+                ql[:, :, nl:], kl[:, :, nl:], v[:, :, nl: nl + nf], mask,
+                in_specs=(_BSHD, _BSHD, _BSHD, _BS), out_specs=_BSHD))
         stats = None
         if nr:
             cfg = self.routing
-            out, stats = routing_attention(
-                qr, kr, v[:, :, nl + nf :], centroids, window=cfg.window,
-                assignment=cfg.assignment, causal=self.causal, norm=cfg.norm,
-                logit_scale=cfg.logit_scale, q_mask=mask, kv_mask=mask, shared_qk=cfg.shared_qk,
-                self_mask=cfg.self_mask)
+
+            def route(q, k, v, mu, m):
+                out, st = routing_attention(
+                    q, k, v, mu, window=cfg.window, assignment=cfg.assignment,
+                    causal=self.causal, norm=cfg.norm, logit_scale=cfg.logit_scale, q_mask=m,
+                    kv_mask=m, shared_qk=cfg.shared_qk, self_mask=cfg.self_mask)
+                # Per-head sums over the whole batch; head-summed scalars over all devices.
+                return out, (psum(st.counts, "batch"), psum(st.sums, "batch"),
+                             *(psum(x, "batch", "heads")
+                               for x in (st.sq_error, st.covered, st.queries)))
+
+            out, fields = per_device(
+                route, qr, None if cfg.shared_qk else kr, v[:, :, nl + nf:], centroids, mask,
+                in_specs=(_BSHD, None if cfg.shared_qk else _BSHD, _BSHD, P("heads", None, None),
+                          _BS),
+                out_specs=(_BSHD, (P("heads", None), P("heads", None, None), P(), P(), P())))
+            stats = RoutingStats(*fields)
             outs.append(out)
         y = jnp.concatenate(outs, axis=2).reshape(b, n, -1)
         return self.wo(y), stats
@@ -206,7 +233,7 @@ class MixedAttention(eqx.Module):
         cfg = self.routing
 
         def per_head(q, k, mu):  # q, k: [..., dim] of one head, flattened to [points, dim]
-            flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+            flat = lambda t: t.reshape(-1, t.shape[-1])
             out = route_scores(flat(q), flat(k), mu, norm=cfg.norm, shared_qk=cfg.shared_qk)
             return tuple(t.reshape(*q.shape[:-1], t.shape[-1]) for t in out)
 

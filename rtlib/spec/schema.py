@@ -315,6 +315,115 @@ class RunSpec(Strict):
     sample_prompt: str = Field("def ", description="Prompt of that sample.")
 
 
+MeshAxis = Literal["data", "fsdp", "model"]
+MESH_AXES: tuple[MeshAxis, ...] = ("data", "fsdp", "model")
+LogicalAxis = Literal["batch", "embed", "heads", "mlp", "vocab"]
+
+
+class AxisRules(Strict):
+    """Which mesh axes each logical array axis is split over (an empty list: replicated).
+    Parameters use embed, heads, mlp and vocab; activations use batch and heads."""
+
+    batch: list[MeshAxis] = Field(["data", "fsdp"], description="Batch axis of activations and "
+                                  "data (data parallelism).")
+    embed: list[MeshAxis] = Field(["fsdp"], description="d_model axis of parameters and "
+                                  "optimiser state (FSDP / ZeRO-3 sharding).")
+    heads: list[MeshAxis] = Field(["model"], description="Attention heads: q/k/v/output "
+                                  "projections and the per-device attention (model parallelism).")
+    mlp: list[MeshAxis] = Field(["model"], description="Feed-forward hidden units (model "
+                                "parallelism).")
+    vocab: list[MeshAxis] = Field([], description="Vocabulary axis of the embedding and output "
+                                  "projection.")
+
+
+class MeshSpec(Strict):
+    """The device mesh: sizes of the named axes (their product is the device count; one size
+    may be -1, filled from the devices present) and how array axes map onto them."""
+
+    data: int = Field(-1, ge=-1, description="Data-parallel replicas (batch split, parameters "
+                      "replicated). -1: the devices left over by the other axes.")
+    fsdp: int = Field(1, ge=-1, description="Fully sharded data parallelism: the batch is split "
+                      "and parameters and optimiser state are sharded along d_model.")
+    model: int = Field(1, ge=-1, description="Model (tensor) parallelism: heads and feed-forward "
+                       "hidden units split over devices.")
+    rules: AxisRules = Field(default_factory=AxisRules, description="Logical-axis rules: array "
+                             "axis name -> mesh axes.")
+
+
+class DistributedSpec(Strict):
+    """Multi-host start-up (`jax.distributed.initialize`)."""
+
+    initialize: Literal["auto", "always", "never"] = Field(
+        "auto", description="`auto`: initialise when the environment describes a multi-process "
+        "job (JAX_COORDINATOR_ADDRESS, SLURM with several tasks, Open MPI, a multi-host TPU "
+        "slice); `always`: always (cluster auto-detection fills what is not given); `never`: "
+        "one process.")
+    coordinator: str | None = Field(None, description="host:port of process 0's coordinator; "
+                                    "default JAX_COORDINATOR_ADDRESS or cluster auto-detection. "
+                                    "Process count and id come from JAX_NUM_PROCESSES and "
+                                    "JAX_PROCESS_ID or the cluster.")
+    heartbeat_timeout_s: int = Field(100, ge=1, description="A process silent this long is "
+                                     "declared dead and every other process stops with an "
+                                     "error.")
+    init_timeout_s: int = Field(300, ge=1, description="How long to wait for every process "
+                                "to join.")
+
+
+def mesh_problem(spec: "Spec", sizes: dict[str, int]) -> tuple[str, str] | None:
+    """The first way `spec`'s arrays do not split over a mesh of these axis sizes (-1: not
+    known yet, skipped), as (key path, message)."""
+    rules = spec.mesh.rules
+
+    def split(logical: str) -> int | None:
+        n = 1
+        for axis in getattr(rules, logical):
+            if sizes[axis] == -1:
+                return None
+            n *= sizes[axis]
+        return n
+
+    def names(logical: str) -> str:
+        return " x ".join(f"mesh.{a}={sizes[a]}" for a in getattr(rules, logical))
+
+    for logical in ("batch", "embed", "heads", "mlp", "vocab"):
+        axes = getattr(rules, logical)
+        if len(set(axes)) != len(axes):
+            return f"mesh.rules.{logical}", f"names a mesh axis twice: {axes}"
+    for a, b in (("heads", "batch"), ("heads", "embed"), ("mlp", "embed"), ("vocab", "embed"),
+                 ("heads", "vocab"), ("mlp", "vocab")):
+        both = set(getattr(rules, a)) & set(getattr(rules, b))
+        if both:
+            return (f"mesh.rules.{a}", f"shares mesh axis {sorted(both)} with mesh.rules.{b}; "
+                    "one array would be split twice over it")
+    m, t = spec.model, spec.train
+    per_micro = t.batch_size // t.micro_batches
+    n = split("batch")
+    if n and per_micro % n:
+        what = f"batch_size={t.batch_size}" + (
+            f" / micro_batches={t.micro_batches} = {per_micro}" if t.micro_batches > 1 else "")
+        return "train.batch_size", f"{what} sequences do not split over {names('batch')}"
+    n = split("heads")
+    if n and n > 1:
+        for c in m.layer_plan():
+            for kind in HEAD_KINDS:
+                count = getattr(c, kind)
+                if count % n:
+                    return ("mesh.model" if "model" in rules.heads else "mesh.rules.heads",
+                            f"{count} {kind} heads per layer do not split over {names('heads')}"
+                            " (every head kind is split evenly across devices)")
+    n = split("mlp")
+    if n and m.feed_forward.hidden % n:
+        return ("model.feed_forward.hidden", f"{m.feed_forward.hidden} hidden units do not "
+                f"split over {names('mlp')}")
+    n = split("embed")
+    if n and m.d_model % n:
+        return "model.d_model", f"{m.d_model} does not split over {names('embed')}"
+    n = split("vocab")
+    if n and m.vocab_size % n:
+        return "model.vocab_size", f"{m.vocab_size} does not split over {names('vocab')}"
+    return None
+
+
 class Spec(Strict):
     """A whole spec file."""
 
@@ -325,6 +434,10 @@ class Spec(Strict):
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     run: RunSpec = Field(default_factory=RunSpec, description="Run directory, logging, "
                          "checkpoints.")
+    mesh: MeshSpec = Field(default_factory=MeshSpec, description="Device mesh and sharding "
+                           "rules (data, FSDP and model parallelism).")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec,
+                                         description="Multi-host start-up.")
 
     @model_validator(mode="after")
     def _train_checks(self) -> "Spec":
@@ -334,6 +447,17 @@ class Spec(Strict):
                 "spec_conflict", "{path}: {message}",
                 {"path": "train.micro_batches", "message": f"batch_size={t.batch_size} is not "
                  f"divisible by micro_batches={t.micro_batches}"})
+        sizes = {a: getattr(self.mesh, a) for a in MESH_AXES}
+        if sum(v == -1 for v in sizes.values()) > 1:
+            problem = ("mesh", "at most one axis size may be -1 (filled from the device count), "
+                       f"got {sizes}")
+        elif 0 in sizes.values():
+            problem = ("mesh", f"axis sizes must be >= 1 or -1, got {sizes}")
+        else:
+            problem = mesh_problem(self, sizes)
+        if problem is not None:
+            raise PydanticCustomError("spec_conflict", "{path}: {message}",
+                                      {"path": problem[0], "message": problem[1]})
         return self
 
     @property

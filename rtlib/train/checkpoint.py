@@ -4,7 +4,8 @@
 parameters, optimiser and routing state, step, RNG key) and `meta` (JSON: step, the resolved
 spec, the data iterator's state, tokens seen). orbax writes each checkpoint into a temporary
 directory and renames it when complete, so a process killed mid-save leaves the previous
-checkpoint as the latest usable one. Saving is synchronous: the step's buffers are donated to
+checkpoint as the latest usable one. On several processes every process writes its own shards
+of the arrays (orbax coordinates them); process 0 writes the JSON. Saving is synchronous: the step's buffers are donated to
 the next step, and the iterator state must be the one matching these arrays.
 """
 
@@ -55,10 +56,12 @@ class Checkpointer:
                                                       f"{e}")) from None
 
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
-        """The state saved at `step`, with `like`'s structure (a freshly initialised state of
-        the same spec), and its meta data."""
+        """The state saved at `step` with `like`'s structure, and its meta data. `like` is an
+        initialised state of the same spec or an `abstract_state` (shapes and shardings):
+        arrays come back in `like`'s shardings, whatever mesh saved them."""
         meta = self.read_meta(step)
-        arrays, static = eqx.partition(like, eqx.is_array)
+        arrays, static = eqx.partition(
+            like, lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct)))
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(arrays)))["state"]

@@ -1,6 +1,10 @@
 """`rtlib train`: the training job. Resumes an existing run directory exactly where it stopped.
 
-Per step: one grain batch, one jitted step (donating the previous state), a finiteness check.
+Per step: one grain batch (this process's rows of the global batch), one jitted step on the
+spec's mesh (donating the previous state), a finiteness check. On several processes every
+process runs this same loop in lockstep; process 0 alone prints, shows progress and writes
+metrics.jsonl and spec.yaml, and a stop signal seen by any process stops all of them at the
+same step.
 Every `run.log_every` steps a line in metrics.jsonl; every `run.eval_every` steps a validation
 line; checkpoints every `run.checkpoint_every` steps or `run.checkpoint_minutes`, at the end and
 on SIGTERM/SIGINT. A resumed run reproduces an uninterrupted one bit for bit: the checkpoint
@@ -15,24 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from rtlib import parallel
 from rtlib.build import count_parameters
 from rtlib.data.pipeline import train_dataset, train_iterator
 from rtlib.data.store import StoreError, TokenStore
 from rtlib.evaluate import evaluate
+from rtlib.parallel.rules import to_mesh
 from rtlib.sample import Sampling, generate
 from rtlib.spec.schema import Spec
 from rtlib.train.checkpoint import Checkpointer
 from rtlib.train.optim import learning_rate
-from rtlib.train.run_dir import (
-    METRICS_FILE,
-    check_compatible,
-    fresh_state,
-    write_spec,
-)
-from rtlib.train.step import init_routing, train_step_for
+from rtlib.train.run_dir import METRICS_FILE, check_compatible, write_spec
+from rtlib.train.step import abstract_state, init_routing, init_sharded, train_step_for
 
 LN2 = math.log(2)
 
@@ -98,6 +100,16 @@ class _Metrics:
         self.file.close()
 
 
+class _NoMetrics:
+    """What processes other than 0 write: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _step_of(line: str) -> int | None:
     """The step of a metrics line; None for a line cut short by a killed process."""
     try:
@@ -115,15 +127,21 @@ def _open_data(spec: Spec) -> TokenStore:
     return store
 
 
-def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
+def train(spec: Spec, *, progress: bool = True, print_fn=print,
+          devices: list | None = None) -> TrainResult:
+    """Train (or resume) `spec.run_dir`. Starts `jax.distributed` first when the spec or the
+    environment asks; `devices` (default: all) is what the spec's mesh is laid over."""
     if spec.model.kind != "decoder":
         raise StoreError("rtlib train optimises the next-token loss, which needs a decoder "
                          "(model.kind: decoder); an encoder needs a masked-token objective, "
                          "not implemented yet")
-    if jax.process_count() > 1:
-        raise StoreError("rtlib train runs on one process for now: each process would train "
-                         "its own copy. Multi-process data parallelism arrives with the "
-                         "distributed-training issue")
+    parallel.initialize(spec.distributed)
+    primary = jax.process_index() == 0
+    if not primary:
+        print_fn = lambda *args, **kwargs: None
+        progress = False
+    mesh = parallel.make_mesh(spec, devices)
+    rules = spec.mesh.rules
     run_dir = Path(spec.run_dir)
     store = _open_data(spec)
     can_eval = "valid" in store.manifest["splits"] and store.num_tokens("valid") >= 2
@@ -131,26 +149,31 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
         print_fn(f"note: {spec.data.path} has no validation tokens: no evaluation")
     run_dir.mkdir(parents=True, exist_ok=True)
     n, batch = spec.model.seq_len, spec.train.batch_size
+    rows = NamedSharding(mesh, to_mesh(P("batch", None), rules, mesh))
+    shard, shards = parallel.data_shard(rows, (batch, n + 1))
     dataset = train_dataset(store, "train", seq_len=n, batch_size=batch, seed=spec.run.seed,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_index=shard, process_count=shards)
     data = train_iterator(dataset, threads=spec.data.read_threads, prefetch=spec.data.prefetch)
     ckpt = Checkpointer(run_dir, keep=spec.run.keep)
-    ts = fresh_state(spec)
     latest = ckpt.latest()
     tokens_seen = 0
+    where = (f"mesh {dict(mesh.shape)} over {mesh.size} device(s)"
+             + (f", {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     if latest is None:
-        write_spec(run_dir, spec)
+        ts = init_sharded(spec, mesh, key=jax.random.key(spec.run.seed))
+        if primary:
+            write_spec(run_dir, spec)
         print_fn(f"new run {run_dir}: {count_parameters(ts.model):,} parameters, "
-                 f"{store.num_tokens('train'):,} training tokens in {spec.data.path}")
+                 f"{store.num_tokens('train'):,} training tokens in {spec.data.path}; {where}")
     else:
         meta = ckpt.read_meta(latest)
         changes = check_compatible(meta["spec"], spec, run_dir)
-        ts, meta = ckpt.restore(latest, ts)
+        ts, meta = ckpt.restore(latest, abstract_state(spec, mesh))
         data.set_state(meta["data"])
         tokens_seen = meta["tokens_seen"]
-        write_spec(run_dir, spec)
-        print_fn(f"resuming {run_dir} from step {latest}" +
+        if primary:
+            write_spec(run_dir, spec)
+        print_fn(f"resuming {run_dir} from step {latest} on {where}" +
                  (f" (spec changes: {'; '.join(changes)})" if changes else ""))
         if any(c.startswith("train.batch_size:") for c in changes):
             print_fn("note: train.batch_size changed: the data stream goes on from a "
@@ -167,8 +190,8 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
                  "nothing to do; raise train.steps to train on")
         ckpt.close()
         return result
-    metrics = _Metrics(run_dir / METRICS_FILE, start)
-    step_fn = train_step_for(spec)
+    metrics = _Metrics(run_dir / METRICS_FILE, start) if primary else _NoMetrics()
+    step_fn = train_step_for(spec, mesh)
     lr_at = learning_rate(spec.train)
     last_saved, last_save_time = start, time.monotonic()
     last_eval: dict | None = None
@@ -185,22 +208,28 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
     def run_eval(step: int) -> dict:
         nonlocal last_eval
         last_eval = {"step": step, **evaluate(ts.model, ts.routing, store, "valid",
-                                              batch_size=batch, max_tokens=spec.data.eval_tokens)}
+                                              batch_size=batch, max_tokens=spec.data.eval_tokens,
+                                              mesh=mesh, rules=rules)}
         metrics.write(last_eval)
         return last_eval
 
     bar = tqdm(total=spec.train.steps, initial=start, desc=f"train {run_dir.name}",
                unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     interval_tokens, interval_time = 0, 0.0
+
+    def note(line: str) -> None:  # above the progress bar, on process 0 only
+        if primary:
+            bar.write(line)
+
     try:
         with _StopRequest() as stop:
             for step in range(start + 1, spec.train.steps + 1):
                 t0 = time.perf_counter()
-                tokens = jnp.asarray(next(data))
+                tokens = parallel.global_batch(next(data), rows, (batch, n + 1))
                 if not bool(ts.routing.initialised):
                     ts = init_routing(tokens, ts, key=jax.random.fold_in(
-                        jax.random.key(spec.run.seed), 0x5EED))
-                    bar.write("routing centroids initialised by k-means on the first batch")
+                        jax.random.key(spec.run.seed), 0x5EED), mesh=mesh, rules=rules)
+                    note("routing centroids initialised by k-means on the first batch")
                 ts, m = step_fn(tokens, ts)
                 loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -237,12 +266,13 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
                     interval_tokens, interval_time = 0, 0.0
                 if can_eval and spec.run.eval_every and step % spec.run.eval_every == 0:
                     out = run_eval(step)
-                    bar.write(f"step {step}: valid {out['bits_per_byte']:.3f} bits/byte")
+                    note(f"step {step}: valid {out['bits_per_byte']:.3f} bits/byte")
                 minutes = spec.run.checkpoint_minutes
                 if (spec.run.checkpoint_every and step % spec.run.checkpoint_every == 0) or (
                         minutes and time.monotonic() - last_save_time > 60 * minutes):
                     save()
-                if stop.signal is not None:
+                if parallel.any_process(stop.signal is not None):
+                    stop.signal = stop.signal or signal.SIGTERM  # seen by another process
                     result.stopped_by = signal.Signals(stop.signal).name
                     break
         if result.step > last_saved:
@@ -260,14 +290,16 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print) -> TrainResult:
                      f"over {last_eval['tokens']:,} tokens (uniform: "
                      f"{math.log2(spec.model.vocab_size):.1f})")
         if spec.run.sample_tokens:
-            tok = store.tokenizer
-            out = generate(ts.model, ts.routing, tok.encode(spec.run.sample_prompt),
-                           max_new_tokens=spec.run.sample_tokens,
-                           sampling=Sampling(temperature=0.8, top_p=0.95),
-                           vocab_limit=tok.vocab_size,
-                           key=jax.random.key(spec.run.seed))
-            result.sample = tok.decode(out)
-            print_fn(f"sample (temperature 0.8, top-p 0.95):\n{result.sample}")
+            # One sequence: sampled on one device from a gathered copy, by process 0 only.
+            model, routing = parallel.host_local((ts.model, ts.routing))
+            if primary:
+                tok = store.tokenizer
+                out = generate(model, routing, tok.encode(spec.run.sample_prompt),
+                               max_new_tokens=spec.run.sample_tokens,
+                               sampling=Sampling(temperature=0.8, top_p=0.95),
+                               vocab_limit=tok.vocab_size, key=jax.random.key(spec.run.seed))
+                result.sample = tok.decode(out)
+                print_fn(f"sample (temperature 0.8, top-p 0.95):\n{result.sample}")
         return result
     finally:
         bar.close()

@@ -9,11 +9,13 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import yaml
+from jax.sharding import Mesh
 
+from rtlib.parallel import single_device_mesh
 from rtlib.spec.load import SpecError, validate_spec
 from rtlib.spec.schema import Spec
 from rtlib.train.checkpoint import Checkpointer
-from rtlib.train.step import TrainState, init_train_state
+from rtlib.train.step import TrainState, abstract_state, init_train_state
 
 SPEC_FILE = "spec.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -32,6 +34,7 @@ def write_spec(run_dir: Path, spec: Spec) -> None:
 
 
 def fresh_state(spec: Spec) -> TrainState:
+    """The spec's initial state on the default device (`init_sharded` lays it on a mesh)."""
     return init_train_state(spec, key=jax.random.key(spec.run.seed))
 
 
@@ -74,8 +77,10 @@ def check_compatible(saved: dict, spec: Spec, run_dir: Path) -> list[str]:
     return changes
 
 
-def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Spec, TrainState, int]:
-    """(spec, trained state, step) of a run directory's latest (or given) checkpoint."""
+def load_run(run_dir: str | Path, step: int | None = None, *,
+             mesh: Mesh | None = None) -> tuple[Spec, TrainState, int]:
+    """(spec, trained state, step) of a run directory's latest (or given) checkpoint, its
+    arrays laid out on `mesh` (default: one device), whatever mesh trained it."""
     run_dir = Path(run_dir)
     path = run_dir / SPEC_FILE
     if not path.is_file():
@@ -94,7 +99,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Spec, TrainS
             step = steps[-1]
         elif step not in steps:
             raise RunError(f"{run_dir}: no checkpoint at step {step}; there are {steps}")
-        ts, _ = ckpt.restore(step, fresh_state(spec))
+        ts, _ = ckpt.restore(step, abstract_state(spec, mesh or single_device_mesh()))
     finally:
         ckpt.close()
     return spec, ts, step

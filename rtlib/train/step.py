@@ -12,13 +12,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int, PRNGKeyArray, UInt32
 
 from rtlib.build import build
 from rtlib.nn.model import RoutingTransformer, Stats
 from rtlib.objectives import next_token_loss
+from rtlib.parallel import activate, constrain, constrain_as, state_shardings
 from rtlib.routing import RoutingState
-from rtlib.spec.schema import Spec, TrainSpec
+from rtlib.spec.schema import AxisRules, Spec, TrainSpec
 from rtlib.train.optim import make_optimizer, schedule_key
 
 
@@ -28,6 +31,32 @@ class TrainState(eqx.Module):
     opt_state: optax.OptState
     step: Int[Array, ""]
     key: UInt32[Array, "2"]  # raw key data: checkpoints hold plain arrays
+
+
+def _is_abstract(x) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def abstract_state(spec: Spec, mesh: Mesh) -> TrainState:
+    """The spec's `TrainState` as shapes, dtypes and shardings on `mesh` (no arrays): the
+    target a checkpoint is restored onto."""
+    abstract = eqx.filter_eval_shape(init_train_state, spec, key=jax.random.key(0))
+    shardings = state_shardings(abstract, spec.mesh.rules, mesh)
+    return jax.tree.map(lambda x, s: x if s is None else jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=s), abstract, shardings, is_leaf=lambda x: x is None)
+
+
+def init_sharded(spec: Spec, mesh: Mesh, *, key: PRNGKeyArray) -> TrainState:
+    """`init_train_state` with every array created directly in its sharding on `mesh` (a
+    model too large for one device never exists unsharded). The values do not depend on the
+    mesh."""
+    abstract = abstract_state(spec, mesh)
+    arrays, static = eqx.partition(abstract, _is_abstract)
+    shardings = jax.tree.map(lambda x: x.sharding, arrays)
+    make = jax.jit(lambda k: eqx.filter(init_train_state(spec, key=k), eqx.is_array),
+                   out_shardings=shardings)
+    with activate(mesh, spec.mesh.rules):
+        return eqx.combine(make(key), static)
 
 
 def init_train_state(spec: Spec, *, key: PRNGKeyArray) -> TrainState:
@@ -67,12 +96,22 @@ def routing_metrics(stats: Stats) -> dict[str, Array]:
             "occupancy_entropy": jnp.mean(ent), "coverage": jnp.mean(cov)}
 
 
-def train_step_for(spec: Spec):
-    """The jitted step for a spec: `step(batch, state) -> (state, metrics)`. Cached by the
-    settings that shape it, so a resumed, extended or repeated run in the same process reuses
-    the compiled program."""
-    return _train_step(json.dumps({"model": spec.model.model_dump(mode="json"),
+def train_step_for(spec: Spec, mesh: Mesh | None = None):
+    """The jitted step for a spec: `step(batch, state) -> (state, metrics)`. With a `mesh`, the
+    batch is split over the data axes and the state keeps the shardings of `mesh.rules`
+    (`init_sharded`). Cached by the settings that shape it, so a resumed, extended or repeated
+    run in the same process reuses the compiled program."""
+    step = _train_step(json.dumps({"model": spec.model.model_dump(mode="json"),
                                    "train": schedule_key(spec.train)}, sort_keys=True))
+    if mesh is None:
+        return step
+    rules = spec.mesh.rules
+
+    def run(batch: Int[Array, "batch seq_plus_one"], ts: TrainState):
+        with activate(mesh, rules):
+            return step(batch, ts)
+
+    return run
 
 
 @functools.lru_cache(maxsize=8)
@@ -95,7 +134,9 @@ def _train_step(key: str):
     def step(batch: Int[Array, "batch seq_plus_one"], ts: TrainState):
         key = jax.random.wrap_key_data(ts.key)
         key, k_step = jax.random.split(key)
-        tokens = batch.reshape(micro, batch.shape[0] // micro, batch.shape[1])
+        # Every micro-batch is split over the data axes, not held by a few devices.
+        tokens = constrain_as(batch.reshape(micro, batch.shape[0] // micro, batch.shape[1]),
+                              P(None, "batch", None))
         keys = jax.random.split(k_step, micro)
         if micro == 1:
             grads, losses, stats = one(ts.model, ts.routing, tokens[0], keys[0])
@@ -117,7 +158,8 @@ def _train_step(key: str):
             updates, opt_state = optimizer.update(grads, ts.opt_state, params)
         model = eqx.apply_updates(ts.model, updates)
         routing = model.update_state(ts.routing, stats)
-        new = TrainState(model, routing, opt_state, ts.step + 1, jax.random.key_data(key))
+        new = constrain(TrainState(model, routing, opt_state, ts.step + 1,
+                                   jax.random.key_data(key)))
         metrics = {"loss": losses[0], "lm_loss": losses[1], "commit_loss": losses[2],
                    "grad_norm": grad_norm, **routing_metrics(stats)}
         return new, metrics
@@ -125,9 +167,18 @@ def _train_step(key: str):
     return step
 
 
-@eqx.filter_jit
 def init_routing(tokens: Int[Array, "batch seq_plus_one"], ts: TrainState, *,
-                 key: PRNGKeyArray) -> TrainState:
-    """Data-dependent centroid initialisation (`routing.init: kmeans`) from a training batch."""
-    routing = ts.model.init_routing(tokens[:, :-1], ts.routing, key=key)
+                 key: PRNGKeyArray, mesh: Mesh | None = None,
+                 rules: AxisRules | None = None) -> TrainState:
+    """Data-dependent centroid initialisation (`routing.init: kmeans`) from a (global)
+    training batch; on `mesh` the centroids come out replicated on every device."""
+    if mesh is None:
+        return _init_routing(tokens, ts, key)
+    with activate(mesh, rules):
+        return _init_routing(tokens, ts, key)
+
+
+@eqx.filter_jit
+def _init_routing(tokens, ts, key):
+    routing = constrain(ts.model.init_routing(tokens[:, :-1], ts.routing, key=key))
     return eqx.tree_at(lambda t: t.routing, ts, routing)
