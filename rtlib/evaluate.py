@@ -14,15 +14,16 @@ from rtlib.data.pipeline import eval_batches
 from rtlib.data.store import TokenStore
 from rtlib.nn.model import RoutingTransformer
 from rtlib.parallel import activate, from_global
-from rtlib.parallel.rules import to_mesh
+from rtlib.parallel.rules import rules_key, to_mesh
 from rtlib.routing import RoutingState
 from rtlib.spec.schema import AxisRules
 
 
 @eqx.filter_jit
 def _nll_sum(model: RoutingTransformer, routing: RoutingState,
-             tokens: Int[Array, "batch seq_plus_one"], mask: Bool[Array, "batch seq_plus_one"]
-             ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+             tokens: Int[Array, "batch seq_plus_one"], mask: Bool[Array, "batch seq_plus_one"],
+             layout: str) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    # layout: the active rules (static), see `rtlib.parallel.rules.rules_key`
     logits, _ = model(tokens[:, :-1], routing, mask=mask[:, :-1], inference=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          tokens[:, 1:])
@@ -47,7 +48,8 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
                 tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
             else:
                 tokens, mask = from_global(tokens, rows), from_global(mask, rows)
-            nll, count = _nll_sum(model, routing, tokens, mask)
+            nll, count = _nll_sum(model, routing, tokens, mask,
+                                  "" if mesh is None else rules_key(rules or AxisRules()))
             total_nll += float(nll)
             total += float(count)
     nll = total_nll / total

@@ -48,9 +48,17 @@ def child_env(i: int, n: int, devices: int, port: int) -> dict[str, str]:
 
 
 def _relay(stream, prefix: str, out) -> None:
+    """Copy a child's lines with a prefix; if our output is gone, keep draining so the child
+    never blocks on a full pipe."""
+    broken = False
     for line in iter(stream.readline, b""):
-        out.buffer.write(prefix.encode() + line)
-        out.flush()
+        if broken:
+            continue
+        try:
+            out.buffer.write(prefix.encode() + line)
+            out.flush()
+        except (OSError, ValueError):
+            broken = True
 
 
 def _stop(procs: list[subprocess.Popen], grace: float) -> None:
@@ -75,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fake CPU devices per process")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a "
                         "free one)")
-    parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and "
-                        "SIGKILL when stopping processes")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds a process has to "
+                        "exit after SIGTERM (e.g. to write its checkpoint) before SIGKILL")
     parser.add_argument("--wait-for-all", action="store_true", help="when one process fails, "
                         "do not stop the others")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
@@ -89,36 +97,46 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or free_port()
     procs: list[subprocess.Popen] = []
     relays = []
+    received: list[tuple[int, float]] = []  # (signal, when)
+
+    def forward(signum, frame):
+        received.append((signum, time.monotonic()))
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    # Before any child exists, so a signal while starting them is not lost.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
     for i in range(args.processes):
         piped = i > 0
         try:
+            # Own sessions: Ctrl-C in the terminal reaches the launcher only, which passes it
+            # on once (a second SIGINT would make rtlib give up without its checkpoint).
             p = subprocess.Popen(command, env=child_env(i, args.processes,
                                                         args.devices_per_process, port),
                                  stdout=subprocess.PIPE if piped else None,
-                                 stderr=subprocess.STDOUT if piped else None)
+                                 stderr=subprocess.STDOUT if piped else None,
+                                 start_new_session=True)
         except OSError as e:
             print(f"launch_local: cannot start {command[0]!r}: {e}", file=sys.stderr)
             _stop(procs, args.grace)
             return 127
         procs.append(p)
+        if received:  # a signal arrived while starting: this child has not seen it
+            p.send_signal(received[0][0])
         if piped:
             t = threading.Thread(target=_relay, args=(p.stdout, f"[process {i}] ", sys.stdout),
                                  daemon=True)
             t.start()
             relays.append(t)
 
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
     failed: tuple[int, int] | None = None
     while any(p.poll() is None for p in procs):
+        if received and time.monotonic() - received[0][1] > args.grace:
+            print(f"launch_local: processes still running {args.grace:.0f} s after the signal; "
+                  "killing them", file=sys.stderr, flush=True)
+            _stop(procs, 0)
         for i, p in enumerate(procs):
             code = p.poll()
             if code not in (None, 0) and failed is None and not received:
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         t.join(timeout=5)
     codes = [p.returncode for p in procs]
     if received:
-        return 128 + received[0]
+        return 128 + received[0][0]
     if failed is not None:
         print(f"launch_local: exit codes {codes}", file=sys.stderr)
         return failed[1] if failed[1] > 0 else 128 - failed[1]

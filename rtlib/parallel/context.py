@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rtlib.parallel.rules import mesh_axes, state_specs, to_mesh
+from rtlib.parallel.rules import axes_size, mesh_axes, state_specs, to_mesh
 from rtlib.spec.schema import AxisRules
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def per_device(fn: Callable, *args, in_specs: tuple, out_specs) -> object:
         if spec is None:
             continue
         for dim, axes in zip(arg.shape, spec, strict=True):
-            size = 1 if axes is None else _size(mesh, axes)
+            size = 1 if axes is None else axes_size(mesh, axes)
             if dim % size:
                 log.debug("per_device: axis of %d does not split over %s; running unsplit",
                           dim, axes)
@@ -113,10 +113,3 @@ def constrain_as(x: jax.Array, logical: P) -> jax.Array:
         return x
     mesh, rules = ctx
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, to_mesh(logical, rules, mesh)))
-
-
-def _size(mesh: Mesh, axes: str | tuple[str, ...]) -> int:
-    n = 1
-    for a in (axes,) if isinstance(axes, str) else axes:
-        n *= mesh.shape[a]
-    return n

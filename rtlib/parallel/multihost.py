@@ -76,10 +76,11 @@ def data_shard(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[
                     for idx in sharding.addressable_devices_indices_map(global_shape).values()})
     start, stop = local[0][0], local[-1][1]
     covered = sum(b - a for a, b in local)
-    if covered != stop - start or rows % (stop - start):
+    if covered != stop - start or rows % (stop - start) or start % (stop - start):
         raise DistributedError(f"this process's devices hold rows {local} of the batch, not "
-                               "one contiguous block: use a mesh whose data axes follow "
-                               "process order (the default device order does)")
+                               "one aligned block: use a mesh whose data axes follow "
+                               "process order (the default device order does) and the same "
+                               "number of devices on every process")
     return start // (stop - start), rows // (stop - start)
 
 
@@ -94,13 +95,14 @@ def from_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is True on any (a stop request seen by one process
-    must stop all of them at the same step)."""
+def any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag True on every process when it is True on any, in one collective. Decisions
+    that start collectives (stop after this step, save a checkpoint now) must be the same on
+    every process, even when each comes from a local signal or clock."""
     if jax.process_count() == 1:
-        return flag
-    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
-    return bool(np.any(flags))
+        return tuple(bool(f) for f in flags)
+    gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+    return tuple(bool(x) for x in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))
 
 
 def host_local(tree):

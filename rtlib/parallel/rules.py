@@ -69,11 +69,15 @@ def to_mesh(spec: P, rules: AxisRules, mesh) -> P:
 
 
 def state_specs(tree, rules: AxisRules, mesh) -> object:
-    """PartitionSpecs (mesh axis names) for every array leaf of `tree` (None elsewhere)."""
+    """PartitionSpecs (mesh axis names) for every array leaf of `tree` (None elsewhere). An
+    axis that does not split evenly stays whole: optimiser statistics shaped unlike their
+    parameter (Adafactor's (1,) placeholders for vectors) are matched by path only."""
     def one(path, leaf):
         if not eqx.is_array(leaf) and not isinstance(leaf, jax.ShapeDtypeStruct):
             return None
-        return to_mesh(logical_spec(path, leaf.ndim), rules, mesh)
+        spec = to_mesh(logical_spec(path, leaf.ndim), rules, mesh)
+        return P(*(None if axes is None or dim % axes_size(mesh, axes) else axes
+                   for dim, axes in zip(leaf.shape, spec, strict=True)))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -82,3 +86,17 @@ def state_shardings(tree, rules: AxisRules, mesh: Mesh) -> object:
     """NamedShardings for every array leaf of `tree` (None elsewhere)."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(tree, rules, mesh),
                         is_leaf=lambda x: isinstance(x, P))
+
+
+def axes_size(mesh, axes: str | tuple[str, ...]) -> int:
+    """Devices along one mesh axis or a tuple of them."""
+    n = 1
+    for a in (axes,) if isinstance(axes, str) else axes:
+        n *= mesh.shape[a]
+    return n
+
+
+def rules_key(rules: AxisRules | None) -> str:
+    """The rules as a string: a static argument of jitted functions that read them from the
+    active context while tracing (JAX's own cache knows the mesh, not our rules)."""
+    return "" if rules is None else rules.model_dump_json()

@@ -418,6 +418,9 @@ def mesh_problem(spec: "Spec", sizes: dict[str, int]) -> tuple[str, str] | None:
     n = split("embed")
     if n and m.d_model % n:
         return "model.d_model", f"{m.d_model} does not split over {names('embed')}"
+    if n and m.embedding.dim and m.embedding.dim % n:
+        return ("model.embedding.dim", f"{m.embedding.dim} (the factorised embedding width) "
+                f"does not split over {names('embed')}")
     n = split("vocab")
     if n and m.vocab_size % n:
         return "model.vocab_size", f"{m.vocab_size} does not split over {names('vocab')}"

@@ -268,10 +268,13 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
                     out = run_eval(step)
                     note(f"step {step}: valid {out['bits_per_byte']:.3f} bits/byte")
                 minutes = spec.run.checkpoint_minutes
-                if (spec.run.checkpoint_every and step % spec.run.checkpoint_every == 0) or (
-                        minutes and time.monotonic() - last_save_time > 60 * minutes):
+                on_clock = bool(minutes) and time.monotonic() - last_save_time > 60 * minutes
+                # Clocks and signals are per process; saving and stopping are collective.
+                on_clock, stopping = parallel.any_process(on_clock, stop.signal is not None)
+                if (spec.run.checkpoint_every and step % spec.run.checkpoint_every == 0) or \
+                        on_clock:
                     save()
-                if parallel.any_process(stop.signal is not None):
+                if stopping:
                     stop.signal = stop.signal or signal.SIGTERM  # seen by another process
                     result.stopped_by = signal.Signals(stop.signal).name
                     break

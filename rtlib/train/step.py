@@ -20,6 +20,7 @@ from rtlib.build import build
 from rtlib.nn.model import RoutingTransformer, Stats
 from rtlib.objectives import next_token_loss
 from rtlib.parallel import activate, constrain, constrain_as, state_shardings
+from rtlib.parallel.rules import rules_key
 from rtlib.routing import RoutingState
 from rtlib.spec.schema import AxisRules, Spec, TrainSpec
 from rtlib.train.optim import make_optimizer, schedule_key
@@ -102,7 +103,9 @@ def train_step_for(spec: Spec, mesh: Mesh | None = None):
     (`init_sharded`). Cached by the settings that shape it, so a resumed, extended or repeated
     run in the same process reuses the compiled program."""
     step = _train_step(json.dumps({"model": spec.model.model_dump(mode="json"),
-                                   "train": schedule_key(spec.train)}, sort_keys=True))
+                                   "train": schedule_key(spec.train),
+                                   "rules": spec.mesh.rules.model_dump(mode="json")},
+                                  sort_keys=True))
     if mesh is None:
         return step
     rules = spec.mesh.rules
@@ -173,12 +176,12 @@ def init_routing(tokens: Int[Array, "batch seq_plus_one"], ts: TrainState, *,
     """Data-dependent centroid initialisation (`routing.init: kmeans`) from a (global)
     training batch; on `mesh` the centroids come out replicated on every device."""
     if mesh is None:
-        return _init_routing(tokens, ts, key)
+        return _init_routing(tokens, ts, key, "")
     with activate(mesh, rules):
-        return _init_routing(tokens, ts, key)
+        return _init_routing(tokens, ts, key, rules_key(rules or AxisRules()))
 
 
 @eqx.filter_jit
-def _init_routing(tokens, ts, key):
+def _init_routing(tokens, ts, key, layout: str):  # layout: static, see rules_key
     routing = constrain(ts.model.init_routing(tokens[:, :-1], ts.routing, key=key))
     return eqx.tree_at(lambda t: t.routing, ts, routing)
