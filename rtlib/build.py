@@ -70,6 +70,7 @@ def _build(spec: ModelSpec, key: PRNGKeyArray) -> tuple[RoutingTransformer, Rout
         seq_len=spec.seq_len,
         dropout=spec.dropout,
         remat=spec.remat,
+        scan_unroll=spec.scan_unroll,
         commitment=spec.routing.commitment,
         ema_decay=spec.routing.ema_decay,
         epsilon=spec.routing.epsilon,

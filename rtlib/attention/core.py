@@ -4,6 +4,7 @@ Routing, local and full heads, and the dense references the tests use, all reduc
 functions, so there is exactly one place where logits, masking and the softmax are computed.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -47,17 +48,69 @@ def masked_attention(
     A query row with no visible key returns zeros (not NaN). `is_self` marks the (query, key)
     pairs whose logit is replaced by `SELF_LOGIT`.
     """
+    return _masked_attention(q, k, v, mask, is_self, scale)
+
+
+def _forward(q, k, v, mask, is_self, scale):
+    """(output, log-sum-exp of the visible logits) in float32."""
     f32 = jnp.float32
     logits = jnp.einsum("...qd,...kd->...qk", q.astype(f32), k.astype(f32)) * scale
     if is_self is not None:
         logits = jnp.where(is_self, SELF_LOGIT, logits)
     logits = jnp.where(mask, logits, MASKED_LOGIT)
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum("...qk,...kd->...qd", weights, v.astype(f32))
-    return out / jnp.where(denom > 0, denom, 1.0)
+    denom = jnp.where(denom > 0, denom, 1.0)
+    return out / denom, row_max + jnp.log(denom)
 
+
+# The backward pass is written out (FlashAttention's formulas) rather than left to autodiff:
+# autodiff of the normalisation recomputes p @ v inside a slow fused reduction and keeps the
+# [q, kv] weights alive; here only q, k, v, the output and one log-sum-exp per row are saved,
+# and the weights are recomputed from them.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _masked_attention(q, k, v, mask, is_self, scale):
+    return _forward(q, k, v, mask, is_self, scale)[0]
+
+
+def _masked_attention_fwd(q, k, v, mask, is_self, scale):
+    out, lse = _forward(q, k, v, mask, is_self, scale)
+    return out, (q, k, v, mask, is_self, out, lse)
+
+
+def _masked_attention_bwd(scale, res, d_out):
+    q, k, v, mask, is_self, out, lse = res
+    f32 = jnp.float32
+    qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
+    logits = jnp.einsum("...qd,...kd->...qk", qf, kf) * scale
+    if is_self is not None:
+        logits = jnp.where(is_self, SELF_LOGIT, logits)
+    p = jnp.where(mask, jnp.exp(jnp.where(mask, logits, MASKED_LOGIT) - lse), 0.0)
+    d_out = d_out.astype(f32)
+    d_v = jnp.einsum("...qk,...qd->...kd", p, d_out)
+    d_p = jnp.einsum("...qd,...kd->...qk", d_out, vf)
+    d_s = p * (d_p - jnp.sum(d_out * out, axis=-1, keepdims=True))
+    if is_self is not None:  # the self logit is a constant: no gradient through it
+        d_s = jnp.where(is_self, 0.0, d_s)
+    d_q = jnp.einsum("...qk,...kd->...qd", d_s, kf) * scale
+    d_k = jnp.einsum("...qk,...qd->...kd", d_s, qf) * scale
+    # Broadcast batch axes of q, k or v (e.g. one k for many q) sum their cotangents back.
+    return (_unbroadcast(d_q, q), _unbroadcast(d_k, k), _unbroadcast(d_v, v), None, None)
+
+
+def _unbroadcast(grad: Array, like: Array) -> Array:
+    lead = grad.ndim - like.ndim
+    grad = grad.sum(axis=tuple(range(lead))) if lead else grad
+    axes = tuple(i for i, (g, w) in enumerate(zip(grad.shape, like.shape, strict=True))
+                 if w == 1 and g != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.astype(like.dtype)
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 MaskFn = Callable[[Int[Array, "..."], Int[Array, "..."]], Bool[Array, "..."]]
 

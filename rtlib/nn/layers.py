@@ -48,7 +48,10 @@ class LayerNorm(eqx.Module):
         mean = jnp.mean(xf, -1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * _along_last(self.weight, y) + _along_last(self.bias, y)
+        # einsum, not `y * weight`: the gradient of the weight is then a dot_general over the
+        # tokens, which XLA:CPU runs ~10-80x faster than its fused multiply-reduce.
+        y = jnp.einsum("...d,d->...d", y, self.weight.astype(y.dtype)) + \
+            _along_last(self.bias, y)
         return y.astype(x.dtype)
 
 

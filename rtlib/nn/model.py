@@ -32,6 +32,7 @@ class RoutingTransformer(eqx.Module):
     seq_len: int = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
+    scan_unroll: int = eqx.field(static=True)
     commitment: float = eqx.field(static=True)
     ema_decay: float = eqx.field(static=True)
     epsilon: float = eqx.field(static=True)
@@ -184,7 +185,8 @@ class RoutingTransformer(eqx.Module):
         for blocks, kstate, k, ik in zip(self.stages, state.stages, keys, init_keys, strict=False):
             centroids = None if kstate is None else kstate.centroids
             h, s, c = _scan_blocks(blocks, h, centroids, mask=mask, key=k, inference=inference,
-                                   init_key=ik, init_iters=init_iters, remat=self.remat)
+                                   init_key=ik, init_iters=init_iters, remat=self.remat,
+                                   unroll=self.scan_unroll)
             stats.append(s)
             used.append(c)
         return self._logits(h), tuple(stats), tuple(used)
@@ -199,7 +201,8 @@ class DecodeCache(eqx.Module):
     capacity: int = eqx.field(static=True)  # tokens the full / balanced buffers can hold
 
 
-def _scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_iters, remat):
+def _scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_iters, remat,
+                 unroll=1):
     """Run a stack of identical blocks with `lax.scan`, so compile time does not grow with depth."""
     params, static = eqx.partition(blocks, eqx.is_array)
     n_layers = jax.tree.leaves(params)[0].shape[0]
@@ -215,5 +218,6 @@ def _scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_i
 
     if remat:
         body = jax.checkpoint(body)
-    h, (stats, used) = jax.lax.scan(body, h, (params, centroids, keys, init_keys))
+    h, (stats, used) = jax.lax.scan(body, h, (params, centroids, keys, init_keys),
+                                    unroll=min(unroll, n_layers))
     return h, stats, used

@@ -143,6 +143,11 @@ class ModelSpec(Strict):
                            "residual branch (training only).")
     remat: bool = Field(False, description="Recompute each block in the backward pass "
                         "(saves activation memory).")
+    scan_unroll: int = Field(1, ge=1, description="Layers per iteration of the `lax.scan` "
+                             "that runs each group of identical layers. 1 keeps the traced "
+                             "program the same size at any depth; n_layers gives straight-line "
+                             "code, which on CPU saves copying every layer's saved activations "
+                             "into stacked buffers (specs/bench-4k.yaml: 1.81 -> 1.39 s/step).")
     embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec,
                                      description="Embedding and output settings.")
     attention: AttentionSpec = Field(description="Head kinds and their settings.")
