@@ -42,10 +42,11 @@ def logit_scale_value(logit_scale: LogitScale, dim: int) -> float:
 def centroid_scores(
     x_hat: Float[Array, "seq dim"], centroids: Float[Array, "clusters dim"]
 ) -> Float[Array, "seq clusters"]:
-    """Dot products with the centroids (not Euclidean distances), in float32."""
-    return jnp.einsum(
-        "nd,kd->nk", x_hat.astype(jnp.float32), jax.lax.stop_gradient(centroids).astype(jnp.float32)
-    )
+    """Dot products with the centroids (not Euclidean distances), in float32. Scores only
+    decide memberships (top-k, argmax), so no gradient flows through them: the backward pass
+    skips this O(seq * clusters * dim) product."""
+    return jnp.einsum("nd,kd->nk", jax.lax.stop_gradient(x_hat).astype(jnp.float32),
+                      jax.lax.stop_gradient(centroids).astype(jnp.float32))
 
 
 def resolve_shared_qk(

@@ -49,9 +49,13 @@ def assignment_statistics(
 ) -> tuple[Float[Array, " clusters"], Float[Array, "clusters dim"], Float[Array, ""]]:
     """(counts, sums, squared error) of the argmax assignment of the valid vectors of one head."""
     k = centroids.shape[0]
-    onehot = jax.nn.one_hot(nearest_cluster(scores, valid), k, dtype=jnp.float32)  # padded: 0 row
-    counts = jnp.sum(onehot, axis=0)
-    sums = onehot.T @ jax.lax.stop_gradient(x_hat)
-    assigned = onehot @ jax.lax.stop_gradient(centroids).astype(jnp.float32)
+    # Segment sums and a gather, O(seq * dim): one-hot matmuls would cost O(seq * clusters *
+    # dim), which grows as seq^2 at a fixed cluster size. Padded tokens get id k: dropped.
+    cluster = nearest_cluster(scores, valid)
+    counts = jax.ops.segment_sum(valid.astype(jnp.float32), cluster, num_segments=k)
+    sums = jax.ops.segment_sum(jax.lax.stop_gradient(x_hat).astype(jnp.float32), cluster,
+                               num_segments=k)
+    mu = jax.lax.stop_gradient(centroids).astype(jnp.float32)
+    assigned = mu[jnp.minimum(cluster, k - 1)]
     err = jnp.sum(jnp.square(x_hat - assigned), axis=-1)
     return counts, sums, jnp.sum(jnp.where(valid, err, 0.0))
