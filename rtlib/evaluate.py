@@ -6,15 +6,14 @@ import math
 import equinox as eqx
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from rtlib.data.pipeline import eval_batches
 from rtlib.data.store import TokenStore
 from rtlib.nn.model import RoutingTransformer
 from rtlib.parallel import activate, from_global
-from rtlib.parallel.rules import rules_key, to_mesh
+from rtlib.parallel.rules import batch_sharding, rules_key
 from rtlib.routing import RoutingState
 from rtlib.spec.schema import AxisRules
 
@@ -39,8 +38,7 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
     With a `mesh` (the model sharded on it), batches are split over its data axes; every
     process passes the same arguments."""
     total_nll, total = 0.0, 0.0
-    rows = None if mesh is None else NamedSharding(
-        mesh, to_mesh(P("batch", None), rules or AxisRules(), mesh))
+    rows = None if mesh is None else batch_sharding(mesh, rules)
     with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
         for tokens, mask in eval_batches(store, split, seq_len=model.seq_len,
                                          batch_size=batch_size, max_tokens=max_tokens):

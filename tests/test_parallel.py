@@ -12,7 +12,6 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rtlib.cli import main
@@ -27,7 +26,7 @@ from rtlib.parallel import (
     mesh_shape,
 )
 from rtlib.parallel.multihost import multi_process_environment
-from rtlib.parallel.rules import to_mesh
+from rtlib.parallel.rules import batch_sharding
 from rtlib.spec import SpecError, load_spec
 from rtlib.spec.schema import DistributedSpec
 from rtlib.train.checkpoint import Checkpointer
@@ -52,10 +51,6 @@ STEPS = 3
 def on_mesh(name: str):
     spec = load_spec(TINY, [*COMMON, *MESHES[name]])
     return spec, make_mesh(spec)
-
-
-def rows(spec, mesh) -> NamedSharding:
-    return NamedSharding(mesh, to_mesh(P("batch", None), spec.mesh.rules, mesh))
 
 
 def spec_of(x) -> P:
@@ -85,7 +80,7 @@ def runs():
     for name in MESHES:
         spec, mesh = on_mesh(name)
         ts = init_sharded(spec, mesh, key=jax.random.key(0))
-        tokens = from_global(batch, rows(spec, mesh))
+        tokens = from_global(batch, batch_sharding(mesh, spec.mesh.rules))
         loss_grad = eqx.filter_jit(eqx.filter_grad(
             lambda m, r, t: next_token_loss(m, r, t)[0]))
         with activate(mesh, spec.mesh.rules):

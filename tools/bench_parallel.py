@@ -27,11 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                                f" --xla_force_host_platform_device_count={args.devices}")
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from rtlib.parallel import from_global, make_mesh
-    from rtlib.parallel.rules import to_mesh
+    from rtlib.parallel.rules import batch_sharding
     from rtlib.spec import load_spec
     from rtlib.train.step import init_sharded, train_step_for
 
@@ -45,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh = make_mesh(spec)
         b, n = spec.train.batch_size, spec.model.seq_len
         batch = np.random.default_rng(0).integers(0, 256, (b, n + 1)).astype(np.int32)
-        tokens = from_global(batch, NamedSharding(mesh, to_mesh(P("batch", None),
-                                                                spec.mesh.rules, mesh)))
+        tokens = from_global(batch, batch_sharding(mesh, spec.mesh.rules))
         ts = init_sharded(spec, mesh, key=jax.random.key(0))
         step = train_step_for(spec, mesh)
         t0 = time.perf_counter()

@@ -96,18 +96,7 @@ def _masked_attention_bwd(scale, res, d_out):
         d_s = jnp.where(is_self, 0.0, d_s)
     d_q = jnp.einsum("...qk,...kd->...qd", d_s, kf) * scale
     d_k = jnp.einsum("...qk,...qd->...kd", d_s, qf) * scale
-    # Broadcast batch axes of q, k or v (e.g. one k for many q) sum their cotangents back.
-    return (_unbroadcast(d_q, q), _unbroadcast(d_k, k), _unbroadcast(d_v, v), None, None)
-
-
-def _unbroadcast(grad: Array, like: Array) -> Array:
-    lead = grad.ndim - like.ndim
-    grad = grad.sum(axis=tuple(range(lead))) if lead else grad
-    axes = tuple(i for i, (g, w) in enumerate(zip(grad.shape, like.shape, strict=True))
-                 if w == 1 and g != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.astype(like.dtype)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
 
 
 _masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)

@@ -9,13 +9,13 @@ from jax.sharding import PartitionSpec as P
 
 from rtlib.spec.schema import AxisRules
 
-# (owner attribute, leaf attribute) -> logical axes of one layer's array. Arrays of stacked
-# layers (under `stages`) get a leading replicated layer axis. Anything not listed (routing
+# (owner attribute, leaf attribute) -> logical axes of one layer's array (`positions` is a leaf
+# of the model itself, matched by its own name). Arrays of stacked layers (under `stages`) get
+# a leading replicated layer axis. Anything not listed (routing
 # state, step, key, optimiser counters, Adafactor's factored moments) is replicated.
 _PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("embed", "weight"): ("vocab", "embed"),
     ("embed_proj", "weight"): (None, "embed"),
-    ("model", "positions"): (None, "embed"),
     ("wq", "weight"): ("embed", "heads"),
     ("wk", "weight"): ("embed", "heads"),
     ("wv", "weight"): ("embed", "heads"),
@@ -43,9 +43,8 @@ def logical_spec(path, ndim: int) -> P:
     """The logical PartitionSpec of the array at `path` (a tree path) with `ndim` axes.
     Optimiser moments match by their path's tail, so they shard like their parameters."""
     names = _names(path)
-    axes = _PARAM_AXES.get(tuple(names[-2:]))
-    if axes is None and names[-1:] == ["positions"]:
-        axes = _PARAM_AXES[("model", "positions")]
+    axes = (None, "embed") if names[-1:] == ["positions"] else \
+        _PARAM_AXES.get(tuple(names[-2:]))
     if axes is not None and "stages" in names:
         axes = (None, *axes)
     if axes is None or len(axes) != ndim:
@@ -66,6 +65,11 @@ def mesh_axes(logical: str | None, rules: AxisRules, mesh) -> str | tuple[str, .
 def to_mesh(spec: P, rules: AxisRules, mesh) -> P:
     """A logical PartitionSpec in mesh axis names."""
     return P(*(mesh_axes(a, rules, mesh) for a in spec))
+
+
+def batch_sharding(mesh: Mesh, rules: AxisRules | None = None) -> NamedSharding:
+    """Where the rows of a [batch, ...] array of tokens live: split over the batch axes."""
+    return NamedSharding(mesh, to_mesh(P("batch", None), rules or AxisRules(), mesh))
 
 
 def state_specs(tree, rules: AxisRules, mesh) -> object:

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from rtlib import parallel
@@ -28,7 +26,7 @@ from rtlib.build import count_parameters
 from rtlib.data.pipeline import train_dataset, train_iterator
 from rtlib.data.store import StoreError, TokenStore
 from rtlib.evaluate import evaluate
-from rtlib.parallel.rules import to_mesh
+from rtlib.parallel.rules import batch_sharding
 from rtlib.sample import Sampling, generate
 from rtlib.spec.schema import Spec
 from rtlib.train.checkpoint import Checkpointer
@@ -149,7 +147,7 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
         print_fn(f"note: {spec.data.path} has no validation tokens: no evaluation")
     run_dir.mkdir(parents=True, exist_ok=True)
     n, batch = spec.model.seq_len, spec.train.batch_size
-    rows = NamedSharding(mesh, to_mesh(P("batch", None), rules, mesh))
+    rows = batch_sharding(mesh, rules)
     shard, shards = parallel.data_shard(rows, (batch, n + 1))
     dataset = train_dataset(store, "train", seq_len=n, batch_size=batch, seed=spec.run.seed,
                             process_index=shard, process_count=shards)
