@@ -1,1 +1,1 @@
-"""Pallas kernels for routing and local attention (see kernels/README.md; not written yet)."""
+"""Pallas kernels for rtlib: one op per folder (reference, one module per backend, dispatcher)."""

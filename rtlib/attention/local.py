@@ -1,9 +1,12 @@
 """Local (blocked) and full attention heads, in the `[batch, seq, heads, dim]` layout."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from kernels.grouped_attention import CallShape, choose_implementation, grouped_attention
 from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all, zero_padding
 
 
@@ -19,6 +22,8 @@ def local_attention(
     q_mask: Bool[Array, "batch seq"] | None = None,
     kv_mask: Bool[Array, "batch seq"] | None = None,
     scale: float | None = None,
+    implementation: str | Sequence[str] | None = None,
+    interpret: bool = False,
 ) -> Float[Array, "batch seq heads vdim"]:
     """Blocked local attention (ALGORITHM.md section 4).
 
@@ -26,6 +31,10 @@ def local_attention(
     `look_back` previous blocks (and `look_ahead` next blocks, default 0 when causal and 1 when
     not). With `causal`, a key is visible only at positions <= the query's. Padded queries
     (`q_mask` False) return zeros; padded keys (`kv_mask` False) are never attended to.
+
+    `implementation` (None, "xla", "pallas_tpu", "pallas_gpu", or a preference list; see
+    `kernels.dispatch`) picks who computes it; `interpret=True` runs a Pallas kernel in
+    interpret mode (on CPU).
     """
     batch, n, _, dim = q.shape
     if window < 1:
@@ -38,6 +47,14 @@ def local_attention(
     q_valid = valid_or_all(q_mask, batch, n)
     k_valid = valid_or_all(kv_mask, batch, n)
     k, v = zero_padding(k, k_valid), zero_padding(v, k_valid)
+    offsets = tuple(range(-look_back, look_ahead + 1))
+    call = CallShape(block_q=window, block_k=window, dim=dim, vdim=v.shape[-1],
+                     dtype=jnp.dtype(v.dtype), offsets=offsets, span=None, self_mask=False)
+    name = choose_implementation(call, implementation)
+    if name != "xla":
+        out = _local_kernel(q, k, v, k_valid, window=window, offsets=offsets, causal=causal,
+                            scale=scale, implementation=name, interpret=interpret)
+        return jnp.where(q_valid[:, :, None, None], out, 0).astype(v.dtype)
 
     def one(qh, kh, vh, kv_ok):
         def visible(qi, ki):
@@ -52,6 +69,29 @@ def local_attention(
     per_head = jax.vmap(one, in_axes=(1, 1, 1, None), out_axes=1)
     out = jax.vmap(per_head)(q, k, v, k_valid)
     return jnp.where(q_valid[:, :, None, None], out, 0).astype(v.dtype)
+
+
+def _local_kernel(q, k, v, k_valid, *, window, offsets, causal, scale, implementation,
+                  interpret):
+    """Local attention as grouped attention over blocks of `window` tokens (no key copies:
+    the kernels read neighbouring blocks in place)."""
+    batch, n, heads, _ = q.shape
+    nb = -(-n // window)
+    pad = nb * window - n
+
+    def blocks(x):  # [B, n, H, D] -> [B, H, nb, W, D]
+        x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        return x.reshape(batch, nb, window, heads, -1).transpose(0, 3, 1, 2, 4)
+
+    pos = jnp.broadcast_to(jnp.arange(nb * window, dtype=jnp.int32).reshape(nb, window),
+                           (batch, heads, nb, window))
+    ok = jnp.pad(k_valid, [(0, 0), (0, pad)]).reshape(batch, 1, nb, window)
+    k_seg = jnp.broadcast_to(jnp.where(ok, 0, -1), pos.shape).astype(jnp.int32)
+    out = grouped_attention(
+        blocks(q), blocks(k), blocks(v), pos, pos, jnp.zeros_like(pos), k_seg, offsets=offsets,
+        causal=causal, scale=scale, implementation=implementation, interpret=interpret,
+    )
+    return out.transpose(0, 2, 3, 1, 4).reshape(batch, nb * window, heads, -1)[:, :n]
 
 
 def full_attention(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from kernels.dispatch import candidates
 from rtlib.attention import full_attention, local_attention
 from rtlib.nn.cache import (
     AttentionCache,
@@ -45,6 +46,9 @@ class MixedAttention(eqx.Module):
     routing: RoutingHeads | None = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
     rotary: bool = eqx.field(static=True)
+    # `attention.implementation` as a hashable value (None, a name or a tuple of names).
+    implementation: str | tuple[str, ...] | None = eqx.field(static=True)
+    interpret: bool = eqx.field(static=True)
 
     def __init__(self, spec: ModelSpec, counts: HeadCounts, *, key: PRNGKeyArray):
         d, dh = spec.d_model, spec.head_dim
@@ -52,6 +56,9 @@ class MixedAttention(eqx.Module):
         self.local = spec.group("local") if counts.local else None
         self.routing = spec.group("routing") if counts.routing else None
         self.rotary = spec.embedding.positions == "rotary"
+        impl = spec.attention.implementation
+        self.implementation = tuple(impl) if isinstance(impl, list) else impl
+        self.interpret = spec.attention.interpret
         shared = self.routing is not None and self.routing.shared_qk
         k_heads = counts.total - (counts.routing if shared else 0)
         kq, kk, kv, ko = jax.random.split(key, 4)
@@ -104,15 +111,18 @@ class MixedAttention(eqx.Module):
         `rtlib.parallel`); routing statistics are summed over every device before they leave."""
         b, n = v.shape[:2]
         nl, nf, nr = self.counts.local, self.counts.full, self.counts.routing
+        kernel = dict(implementation=self.implementation, interpret=self.interpret)
+        # A pallas_call inside shard_map cannot carry varying-manual-axes types.
+        check_vma = set(candidates(self.implementation)) == {"xla"}
         outs = []
         if nl:
             local = functools.partial(
                 local_attention, window=self.local.window, causal=self.causal,
-                look_back=self.local.look_back, look_ahead=self.local.look_ahead)
+                look_back=self.local.look_back, look_ahead=self.local.look_ahead, **kernel)
             outs.append(per_device(
                 lambda q, k, v, m: local(q, k, v, q_mask=m, kv_mask=m),
                 ql[:, :, :nl], kl[:, :, :nl], v[:, :, :nl], mask,
-                in_specs=(_BSHD, _BSHD, _BSHD, _BS), out_specs=_BSHD))
+                in_specs=(_BSHD, _BSHD, _BSHD, _BS), out_specs=_BSHD, check_vma=check_vma))
         if nf:
             outs.append(per_device(
                 lambda q, k, v, m: full_attention(q, k, v, causal=self.causal, q_mask=m,
@@ -127,7 +137,7 @@ class MixedAttention(eqx.Module):
                 out, st = routing_attention(
                     q, k, v, mu, window=cfg.window, assignment=cfg.assignment,
                     causal=self.causal, norm=cfg.norm, logit_scale=cfg.logit_scale, q_mask=m,
-                    kv_mask=m, shared_qk=cfg.shared_qk, self_mask=cfg.self_mask)
+                    kv_mask=m, shared_qk=cfg.shared_qk, self_mask=cfg.self_mask, **kernel)
                 # Per-head sums over the whole batch; head-summed scalars over all devices.
                 return out, (psum(st.counts, "batch"), psum(st.sums, "batch"),
                              *(psum(x, "batch", "heads")
@@ -137,7 +147,8 @@ class MixedAttention(eqx.Module):
                 route, qr, None if cfg.shared_qk else kr, v[:, :, nl + nf:], centroids, mask,
                 in_specs=(_BSHD, None if cfg.shared_qk else _BSHD, _BSHD, P("heads", None, None),
                           _BS),
-                out_specs=(_BSHD, (P("heads", None), P("heads", None, None), P(), P(), P())))
+                out_specs=(_BSHD, (P("heads", None), P("heads", None, None), P(), P(), P())),
+                check_vma=check_vma)
             stats = RoutingStats(*fields)
             outs.append(out)
         y = jnp.concatenate(outs, axis=2).reshape(b, n, -1)

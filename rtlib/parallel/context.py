@@ -39,10 +39,11 @@ def active() -> tuple[Mesh, AxisRules] | None:
     return _ACTIVE.get()
 
 
-def per_device(fn: Callable, *args, in_specs: tuple, out_specs) -> object:
+def per_device(fn: Callable, *args, in_specs: tuple, out_specs, check_vma: bool = True) -> object:
     """`fn(*args)` with each argument split as its logical spec says (e.g.
-    `P("batch", None, "heads", None)`; None for an absent argument), under `jax.shard_map`
-    with `check_vma=True`. `fn` reduces what it returns across devices with `psum`.
+    `P("batch", None, "heads", None)`; None for an absent argument), under `jax.shard_map`.
+    `fn` reduces what it returns across devices with `psum`. `check_vma=False` is for bodies
+    that may run a Pallas kernel (a `pallas_call` has no varying-axes typing).
 
     A plain call when no mesh is active, when every named axis has size 1, or when an argument
     does not split evenly (e.g. batch 1 when sampling on a data-parallel mesh); the results are
@@ -67,7 +68,7 @@ def per_device(fn: Callable, *args, in_specs: tuple, out_specs) -> object:
                 return fn(*args)
     mesh_out = jax.tree.map(lambda s: to_mesh(s, rules, mesh), out_specs, is_leaf=is_spec)
     return jax.shard_map(fn, mesh=mesh, in_specs=mesh_in, out_specs=mesh_out,
-                         check_vma=True)(*args)
+                         check_vma=check_vma)(*args)
 
 
 def psum(x: jax.Array, *logical: str) -> jax.Array:

@@ -1,9 +1,19 @@
 """Routing attention (ALGORITHM.md section 2): attention only among tokens routed together."""
 
+import logging
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from kernels.dispatch import choose
+from kernels.grouped_attention import (
+    CallShape,
+    choose_implementation,
+    grouped_attention,
+    splash_tpu,
+)
 from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all, zero_padding
 from rtlib.routing.assign import (
     Assignment,
@@ -18,6 +28,7 @@ from rtlib.routing.assign import (
 from rtlib.routing.stats import RoutingStats, assignment_statistics
 
 ASSIGNMENTS = ("balanced", "causal")
+log = logging.getLogger("rtlib.kernels")
 
 
 def routing_attention(
@@ -35,6 +46,8 @@ def routing_attention(
     kv_mask: Bool[Array, "batch seq"] | None = None,
     shared_qk: bool | None = None,
     self_mask: bool = False,
+    implementation: str | Sequence[str] | None = None,
+    interpret: bool = False,
 ) -> tuple[Float[Array, "batch seq heads vdim"], RoutingStats]:
     """Routing attention over `[batch, seq, heads, dim]` inputs; returns `(out, stats)`.
 
@@ -53,6 +66,11 @@ def routing_attention(
     - Padded queries (`q_mask` False) output zeros and padded tokens are excluded from the
       statistics; padded keys (`kv_mask` False) are never attended to.
     - `stats` (`RoutingStats`, summed over the batch) feeds `kmeans_update` and the commitment loss.
+
+    - `implementation` (None, "xla", "pallas_tpu", "pallas_gpu", "cudnn", or a preference
+      list; see `kernels.dispatch`) picks who computes the attention inside the clusters;
+      `interpret=True` runs a Pallas kernel in interpret mode (on CPU). The kernels take the
+      normalised q and k in v's dtype (their softmax statistics stay float32).
 
     All routing math and the softmax run in float32; the output has `v`'s dtype.
     """
@@ -77,12 +95,18 @@ def routing_attention(
         k = q
     # With shared QK and one mask, queries and keys are the same routed set: cluster once.
     same_routing = shared_qk and (kv_mask is q_mask)
+    impl = _implementation(
+        implementation, assignment=assignment, same_routing=same_routing, window=window,
+        dim=dim, vdim=v.shape[-1], dtype=jnp.dtype(v.dtype), causal=causal, self_mask=self_mask,
+        all_valid=kv_mask is None)
+    kernel = None if impl == "xla" else dict(implementation=impl, interpret=interpret,
+                                             aligned=same_routing and kv_mask is None)
 
     def head(qh, kh, vh, mu, qv, kv):
         q_hat, k_hat, s_q, s_k = route_scores(qh, kh, mu, norm=norm, shared_qk=shared_qk)
         args = (q_hat, k_hat, vh, s_q, s_k, qv, kv)
         kw = dict(window=window, causal=causal, scale=scale, self_mask=self_mask,
-                  same_routing=same_routing)
+                  same_routing=same_routing, kernel=kernel)
         if assignment == "balanced":
             out, covered = _balanced(*args, **kw)
         else:
@@ -108,17 +132,47 @@ def routing_attention(
     return out.astype(v.dtype), stats
 
 
+def _implementation(implementation, *, assignment, same_routing, window, dim, vdim, dtype,
+                    causal, self_mask, all_valid) -> str:
+    """Who attends inside the clusters: "xla" (the code below) or a kernel of the
+    grouped-attention op (kernels/grouped_attention)."""
+    if assignment == "causal" and not same_routing:
+        why = ("the causal assignment with unshared QK (or different q/kv masks) gives every "
+               "query its own key window; only the XLA path implements it")
+        return choose("routing_attention", implementation,
+                      {"xla": lambda: None, "pallas_tpu": lambda: why,
+                       "pallas_gpu": lambda: why, "cudnn": lambda: why})
+    if assignment == "balanced":
+        call = CallShape(block_q=window, block_k=window, dim=dim, vdim=vdim, dtype=dtype,
+                         offsets=(0,), span=None, self_mask=self_mask,
+                         aligned=same_routing and all_valid)
+    else:
+        call = CallShape(block_q=window, block_k=window, dim=dim, vdim=vdim, dtype=dtype,
+                         offsets=(-1, 0) if causal else (-1, 0, 1), span=window,
+                         self_mask=self_mask)
+    return choose_implementation(call, implementation)
+
+
 def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
-              same_routing):
+              same_routing, kernel):
     """Gather each cluster's W queries and W keys, attend inside it, scatter-mean back."""
     n = q_hat.shape[0]
     qi = balanced_members(s_q, q_valid, window)  # [K, W] positions
     ki = qi if same_routing else balanced_members(s_k, k_valid, window)
-    mask = k_valid[ki][:, None, :]
-    if causal:
-        mask = mask & (ki[:, None, :] <= qi[:, :, None])
-    is_self = (ki[:, None, :] == qi[:, :, None]) if self_mask else None
-    out_c = masked_attention(q_hat[qi], k_hat[ki], v[ki], mask, scale=scale, is_self=is_self)
+    if kernel is None:
+        mask = k_valid[ki][:, None, :]
+        if causal:
+            mask = mask & (ki[:, None, :] <= qi[:, :, None])
+        is_self = (ki[:, None, :] == qi[:, :, None]) if self_mask else None
+        out_c = masked_attention(q_hat[qi], k_hat[ki], v[ki], mask, scale=scale,
+                                 is_self=is_self)
+    else:  # the gathered clusters [K, W, D] (vmapped to [B, H, K, W, D]) with positions
+        k_seg = jnp.where(k_valid[ki], 0, -1)
+        out_c = grouped_attention(
+            q_hat[qi].astype(v.dtype), k_hat[ki].astype(v.dtype), v[ki], qi, ki,
+            jnp.zeros_like(qi), k_seg, causal=causal, self_mask=self_mask, scale=scale,
+            **kernel,
+        ).astype(jnp.float32)
     flat = qi.reshape(-1)
     total = jnp.zeros((n, v.shape[-1]), jnp.float32).at[flat].add(out_c.reshape(flat.size, -1))
     hits = jnp.zeros((n,), jnp.float32).at[flat].add(1.0)
@@ -126,14 +180,25 @@ def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, sc
 
 
 def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
-            same_routing):
+            same_routing, kernel):
     """Nearest-centroid assignment; local attention of width W in (cluster, position) order."""
     n, num_clusters = s_q.shape
     pos = jnp.arange(n, dtype=jnp.int32)
     q_cluster = nearest_cluster(s_q, q_valid)
+    if same_routing and kernel is not None and kernel["implementation"] == "pallas_tpu":
+        reason = splash_tpu.unsupported(n, self_mask=self_mask)
+        if reason is None:
+            # Sorted by (cluster, position): padded tokens (cluster K) sort last, among themselves.
+            order = jnp.argsort(q_cluster * n + pos, stable=True)
+            out = splash_tpu.sorted_local_attention(
+                q_hat[order].astype(v.dtype), v[order], q_cluster[order], window=window,
+                causal=causal, scale=scale, interpret=kernel["interpret"])
+            return jnp.zeros_like(out).at[order].set(out), q_valid
+        log.info("routing_attention: pallas_tpu runs the grouped kernel (%s)", reason)
     if same_routing:
         return _causal_aligned(q_hat, v, q_cluster, window=window, causal=causal, scale=scale,
-                               self_mask=self_mask, num_clusters=num_clusters), q_valid
+                               self_mask=self_mask, num_clusters=num_clusters,
+                               kernel=kernel), q_valid
     k_cluster = nearest_cluster(s_k, k_valid)
     # Keys in (cluster, position) order; for each query, `last` is the sorted index of the last
     # key of its cluster at a position <= its own, so its window is a contiguous sorted range.
@@ -165,6 +230,7 @@ def _causal_aligned(
     scale: float,
     self_mask: bool,
     num_clusters: int,
+    kernel: dict | None = None,
 ) -> Float[Array, "seq vdim"]:
     """Shared-QK fast path: blocked attention over a cluster-aligned layout, O(n W d).
 
@@ -191,6 +257,11 @@ def _causal_aligned(
         return jnp.full((length, *x.shape[1:]), fill, x.dtype).at[slot].set(x, mode="drop")
 
     seg = place(cluster, num_clusters)
+    if kernel is not None:  # cluster-sorted blocks; segment ids keep clusters apart
+        out_l = _aligned_kernel(place(x_hat, 0), place(v, 0), seg, window=window, causal=causal,
+                                scale=scale, self_mask=self_mask, num_clusters=num_clusters,
+                                kernel=kernel)
+        return jnp.where(valid[:, None], out_l[jnp.minimum(slot, length - 1)], 0.0)
 
     def visible(qi, ki):
         ok = (seg[qi] == seg[ki]) & (seg[ki] < num_clusters)
@@ -204,3 +275,19 @@ def _causal_aligned(
         visible=visible, scale=scale, is_self=(lambda qi, ki: qi == ki) if self_mask else None,
     )
     return jnp.where(valid[:, None], out_l[jnp.minimum(slot, length - 1)], 0.0)
+
+
+def _aligned_kernel(x_l, v_l, seg, *, window, causal, scale, self_mask, num_clusters, kernel):
+    """`_causal_aligned`'s attention as grouped attention: blocks of W slots, each seeing its
+    own and the previous block (and the next when not causal), same segment, within W slots."""
+    nb = x_l.shape[0] // window
+    pos = jnp.arange(nb * window, dtype=jnp.int32).reshape(nb, window)
+    seg = seg.reshape(nb, window)
+    x_b = x_l.reshape(nb, window, -1).astype(v_l.dtype)
+    out = grouped_attention(
+        x_b, x_b, v_l.reshape(nb, window, -1), pos, pos, seg,
+        jnp.where(seg < num_clusters, seg, -1), offsets=(-1, 0) if causal else (-1, 0, 1),
+        causal=causal, span=window, self_mask=self_mask, scale=scale,
+        implementation=kernel["implementation"], interpret=kernel["interpret"],
+    )
+    return out.reshape(nb * window, -1).astype(jnp.float32)

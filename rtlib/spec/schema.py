@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 HeadKind = Literal["local", "routing", "full"]
+Implementation = Literal["xla", "pallas_tpu", "pallas_gpu", "cudnn"]
 HEAD_KINDS: tuple[HeadKind, ...] = ("local", "full", "routing")  # order of heads inside a layer
 
 
@@ -89,6 +90,13 @@ class AttentionSpec(Strict):
     layer_heads: list[HeadCounts] | None = Field(
         None, description="Optional per-layer head counts (one entry per layer), overriding the "
         "`count` of each group; every layer must have the same total.")
+    implementation: Implementation | list[Implementation] | None = Field(
+        None, description="Who computes local and routing attention: `xla`, `pallas_tpu`, "
+        "`pallas_gpu`, `cudnn`, or a preference list (the first that can take the shapes "
+        "runs; skipped ones are logged). Default: the best for the backend (TPU: pallas_tpu; "
+        "GPU: pallas_gpu, cudnn; CPU: xla), falling back to xla.")
+    interpret: bool = Field(False, description="Run Pallas kernels in interpret mode (on CPU, "
+                            "for tests and debugging; slow).")
 
 
 class RoutingSpec(Strict):
