@@ -25,6 +25,29 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
 log = logging.getLogger("rtlib.kernels")
 
 
+def platform() -> str:
+    """"tpu", "cuda", "rocm" or "cpu": what the default device is (ROCm reports itself as
+    "gpu" like CUDA; its client's platform version says which)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = getattr(jax.devices()[0].client, "platform_version", "") or ""
+        return "rocm" if "rocm" in version.lower() else "cuda"
+    return backend
+
+
+def wrong_platform(kernel_platform: str, interpret: bool) -> str | None:
+    """Why a kernel for `kernel_platform` ("tpu" or "cuda") cannot run here, or None.
+
+    Interpret mode runs anywhere. A CPU is allowed too: there the kernels are exported for
+    their platform ahead of time (a plain call on CPU fails in Pallas with "Only interpret
+    mode is supported on CPU backend").
+    """
+    here = platform()
+    if interpret or here in (kernel_platform, "cpu"):
+        return None
+    return f"its kernels are for {kernel_platform}, this is {here} (interpret=False)"
+
+
 class KernelUnavailable(ValueError):
     """No requested implementation can take these arguments (the message says why)."""
 

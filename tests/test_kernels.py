@@ -113,6 +113,13 @@ def test_mosaic_gpu_kernel_in_gpu_interpret_mode():
     assert max_abs(out, ref_out) < 2e-2  # bf16 output rounding (|out| <= ~3)
     for g, r in zip(grads, ref_grads, strict=True):
         assert max_abs(g, r) < 1e-2 * float(jnp.max(jnp.abs(r)))
+    # Under vmap (batch and heads), through balanced routing, against the XLA path.
+    rng = np.random.default_rng(8)
+    x, vals = (jnp.asarray(rng.normal(size=(2, 128, 2, 64)), jnp.bfloat16) for _ in range(2))
+    mu = normalize(jnp.asarray(rng.normal(size=(2, 2, 64)), jnp.float32), "layernorm")
+    route = lambda **impl: routing_attention(x, None, vals, mu, window=64, **impl)[0]  # noqa: E731
+    assert max_abs(jax.jit(lambda: route(implementation="pallas_gpu", interpret=True))(),
+                   route(implementation="xla")) < 3e-2  # bf16 outputs (|out| <= ~3)
 
 
 def test_bfloat16_kernel_matches_float32_reference():
@@ -241,6 +248,25 @@ def test_dispatch_by_name_preference_and_backend(caplog):
         choose_implementation(shape(), "triton")
     with pytest.raises(ValueError, match="empty sequence"):
         choose_implementation(shape(), [])
+    with pytest.raises(ValueError, match="unknown name 'triton'"):
+        choose_implementation(shape(), ["xla", "triton"])
+
+
+def test_dispatch_refuses_kernels_for_another_platform(monkeypatch, caplog):
+    import kernels.dispatch
+
+    monkeypatch.setattr(kernels.dispatch, "platform", lambda: "cuda")
+    with caplog.at_level(logging.WARNING, logger="rtlib.kernels"):
+        assert choose_implementation(shape(), ["pallas_tpu", "xla"]) == "xla"
+    assert "its kernels are for tpu, this is cuda (interpret=False)" in caplog.text
+    assert choose_implementation(shape(interpret=True), "pallas_tpu") == "pallas_tpu"
+    monkeypatch.setattr(kernels.dispatch, "platform", lambda: "tpu")
+    with pytest.raises(KernelUnavailable, match="pallas_gpu: its kernels are for cuda, this is "
+                       "tpu.*cudnn: its kernels are for cuda, this is tpu"):
+        choose_implementation(shape(), ["pallas_gpu", "cudnn"])
+
+
+def test_causal_assignment_with_unshared_qk_has_no_kernel():
     q = jnp.ones((1, 8, 1, 8))
     with pytest.raises(KernelUnavailable, match="only the XLA path implements it"):
         routing_attention(q, q * 2, q, jnp.ones((1, 2, 8)), window=4, assignment="causal",
@@ -271,6 +297,10 @@ def test_spec_key_selects_the_kernel_under_shard_map():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
     with pytest.raises(SpecError, match="implementation"):
         load_spec("specs/tiny.yaml", ["model.attention.implementation=triton"])
+    with pytest.raises(SpecError, match="implementation"):
+        load_spec("specs/tiny.yaml", ["model.attention.implementation=[]"])
+    spec = load_spec("specs/tiny.yaml", ["model.attention.implementation=[pallas_gpu, xla]"])
+    assert spec.model.attention.implementation == ["pallas_gpu", "xla"]
 
 
 # --- lowering for the real platforms (no device needed) ------------------------------------

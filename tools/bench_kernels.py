@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Kernel benchmark: routing and local attention by the Pallas kernels, the XLA path and
-dense cuDNN attention, forward + backward, in bfloat16. Meant for a GPU (or TPU).
+dense cuDNN attention, forward + backward, in bfloat16. Meant for a GPU (on a TPU, pass
+`--impls pallas_tpu,xla,dense`).
 
     python tools/bench_kernels.py [--lengths 4096,16384,65536] [--head-dims 64,128]
-        [--impls pallas_gpu,xla,dense] [--heads 8] [--window 128] [--out bench-kernels]
+        [--impls pallas_gpu,xla,dense] [--ops routing-balanced,routing-causal,local]
+        [--heads 8] [--window 128] [--reps 10] [--out bench-kernels]
 
 For every (sequence length n, head dim d, implementation) it times one jitted
 forward + backward of each op over [batch 1, n, heads, d] inputs:
@@ -20,7 +22,7 @@ Output: one JSON object on stdout and, under --out, results.json and results.md.
   tflops (achieved: attention FLOPs / time), peak_mib (the compiled step's argument + output +
   temporary memory, from XLA's memory analysis), flops (the count used), error (when a point
   could not run, e.g. no kernel for the shapes: the dispatcher's reason).
-FLOPs are those of the attention tiles actually computed, masked entries included, with
+FLOPs are a nominal count (not the tiles a kernel computes or skips), with
 forward + backward = 3.5 x forward (FlashAttention's convention): per head, forward =
 4 n d x keys per query (window for balanced routing, 2 x window for causal routing and local,
 n / 2 for dense causal).

@@ -11,7 +11,8 @@ class CallShape:
 
     `aligned` is the caller's promise that inside every group the keys are the queries in
     ascending position order and all valid, so the mask is plain causal (or none): the one
-    pattern dense attention libraries (cuDNN) take.
+    pattern dense attention libraries (cuDNN) take. `dtype` is q's (and k's); `vdtype` v's.
+    `interpret` asks for Pallas' interpret mode, which runs on any platform.
     """
 
     block_q: int
@@ -23,3 +24,9 @@ class CallShape:
     span: int | None
     self_mask: bool
     aligned: bool = False
+    vdtype: jnp.dtype | None = None  # None: v has q's dtype
+    interpret: bool = False
+
+    @property
+    def same_dtypes(self) -> bool:
+        return self.vdtype is None or self.vdtype == self.dtype

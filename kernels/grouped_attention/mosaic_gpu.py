@@ -19,10 +19,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.dispatch import platform
 from kernels.grouped_attention.call import CallShape
 from kernels.grouped_attention.kernel import Pattern
 from kernels.grouped_attention.reference import grouped_attention_backward, visibility
@@ -37,17 +37,32 @@ def smem_bytes(call: CallShape) -> int:
                    + call.block_q * call.block_k) + 4 * 3 * (call.block_q + t * call.block_k)
 
 
+def _hopper() -> str | None:
+    """Why the default GPU has no `wgmma` (sm90 only), or None (also when there is no GPU:
+    exporting for cuda, or interpreting)."""
+    if platform() != "cuda":
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if capability is not None and str(capability) != "9.0":
+        return f"wgmma needs compute capability 9.0 (sm90); this GPU is {capability}"
+    return None
+
+
 def unsupported(call: CallShape) -> str | None:
+    if not call.interpret and (reason := _hopper()):
+        return reason
     if call.dtype not in (jnp.bfloat16, jnp.float16):
         return f"Mosaic GPU wgmma takes bfloat16/float16, not {call.dtype}"
+    if not call.same_dtypes:
+        return f"q and v dtypes differ ({call.dtype}, {call.vdtype})"
     bad = [f"{name}={size}" for name, size in (("block_q", call.block_q),
            ("block_k", call.block_k), ("dim", call.dim), ("vdim", call.vdim)) if size % 64]
     if bad:
         return f"Mosaic GPU tiles are multiples of 64; got {', '.join(bad)}"
     if call.dim != call.vdim:
         return f"the output is staged in q's buffer: dim must equal vdim ({call.dim}/{call.vdim})"
-    if call.block_k > 256:
-        return f"wgmma's N is at most 256; got block_k={call.block_k}"
+    if max(call.block_k, call.vdim) > 256:
+        return f"wgmma's N is at most 256; got block_k={call.block_k}, vdim={call.vdim}"
     if smem_bytes(call) > SMEM_LIMIT:
         return f"needs {smem_bytes(call) // 1024} KiB of shared memory (limit 200)"
     return None
@@ -109,12 +124,20 @@ def forward(pattern: Pattern, q, k, v, qp, kp, qs, ks, *, interpret: bool):
             p_smem[...] = p.astype(dtype)
             plgpu.commit_smem()
 
-            def values(acc_ref, t=t):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[t])
-                return acc_ref[...]
+            acc = acc * lax.broadcast_in_dim(corr, (bq, dv), [0])
+            if interpret:  # the interpreter has no run_state: a fresh accumulator, then add
 
-            acc = acc * lax.broadcast_in_dim(corr, (bq, dv), [0]) + pl.run_scoped(
-                values, plgpu.ACC((bq, dv), jnp.float32))
+                def values(acc_ref, t=t):
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[t])
+                    return acc_ref[...]
+
+                acc = acc + pl.run_scoped(values, plgpu.ACC((bq, dv), jnp.float32))
+            else:  # accumulate in place: one float32 accumulator in registers, not two
+
+                def accumulate(acc_ref, t=t):
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[t])
+
+                acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
         l_safe = jnp.where(row_sum > 0, row_sum, 1.0)
         q_smem[...] = (acc / lax.broadcast_in_dim(l_safe, (bq, dv), [0])).astype(dtype)
         lse_smem[...] = m + jnp.log(l_safe)
@@ -140,8 +163,15 @@ def forward(pattern: Pattern, q, k, v, qp, kp, qs, ks, *, interpret: bool):
         out_type=(jax.ShapeDtypeStruct((g, n, bq, dv), dtype),
                   jax.ShapeDtypeStruct((g, n, bq), jnp.float32)),
         scratch_types=scratch, grid=(g, n), grid_names=("group", "block"),
-        interpret=InterpretGPUParams() if interpret else None,
+        interpret=_gpu_interpret_params() if interpret else None,
     )(q, k_t, v, qp, kp, qs, ks)
+
+
+def _gpu_interpret_params():
+    # A private jax module (no public name in jax 0.10): imported only when interpreting.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

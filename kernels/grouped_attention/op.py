@@ -50,7 +50,7 @@ def grouped_attention(
     call = CallShape(
         block_q=q.shape[-2], block_k=k.shape[-2], dim=q.shape[-1], vdim=v.shape[-1],
         dtype=jnp.dtype(q.dtype), offsets=offsets, span=span, self_mask=self_mask,
-        aligned=aligned,
+        aligned=aligned, vdtype=jnp.dtype(v.dtype), interpret=interpret,
     )
     name = choose_implementation(call, implementation)
     if name == "xla":

@@ -11,6 +11,7 @@ import logging
 
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.dispatch import wrong_platform
 from kernels.grouped_attention import mosaic_gpu
 from kernels.grouped_attention.call import CallShape
 from kernels.grouped_attention.kernel import Launch, Pattern
@@ -33,6 +34,8 @@ def triton_unsupported(call: CallShape) -> str | None:
 
 
 def unsupported(call: CallShape) -> str | None:
+    if reason := wrong_platform("cuda", call.interpret):
+        return reason
     mosaic, triton = mosaic_gpu.unsupported(call), triton_unsupported(call)
     if mosaic is None or triton is None:
         return None

@@ -49,7 +49,8 @@ def local_attention(
     k, v = zero_padding(k, k_valid), zero_padding(v, k_valid)
     offsets = tuple(range(-look_back, look_ahead + 1))
     call = CallShape(block_q=window, block_k=window, dim=dim, vdim=v.shape[-1],
-                     dtype=jnp.dtype(v.dtype), offsets=offsets, span=None, self_mask=False)
+                     dtype=jnp.dtype(q.dtype), offsets=offsets, span=None, self_mask=False,
+                     vdtype=jnp.dtype(v.dtype), interpret=interpret)
     name = choose_implementation(call, implementation)
     if name != "xla":
         out = _local_kernel(q, k, v, k_valid, window=window, offsets=offsets, causal=causal,

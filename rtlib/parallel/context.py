@@ -43,7 +43,7 @@ def per_device(fn: Callable, *args, in_specs: tuple, out_specs, check_vma: bool 
     """`fn(*args)` with each argument split as its logical spec says (e.g.
     `P("batch", None, "heads", None)`; None for an absent argument), under `jax.shard_map`.
     `fn` reduces what it returns across devices with `psum`. `check_vma=False` is for bodies
-    that may run a Pallas kernel (a `pallas_call` has no varying-axes typing).
+    that may run a Pallas kernel (ours declare no varying-manual-axes types).
 
     A plain call when no mesh is active, when every named axis has size 1, or when an argument
     does not split evenly (e.g. batch 1 when sampling on a data-parallel mesh); the results are

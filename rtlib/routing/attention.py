@@ -98,7 +98,7 @@ def routing_attention(
     impl = _implementation(
         implementation, assignment=assignment, same_routing=same_routing, window=window,
         dim=dim, vdim=v.shape[-1], dtype=jnp.dtype(v.dtype), causal=causal, self_mask=self_mask,
-        all_valid=kv_mask is None)
+        all_valid=kv_mask is None, interpret=interpret)
     kernel = None if impl == "xla" else dict(implementation=impl, interpret=interpret,
                                              aligned=same_routing and kv_mask is None)
 
@@ -133,7 +133,7 @@ def routing_attention(
 
 
 def _implementation(implementation, *, assignment, same_routing, window, dim, vdim, dtype,
-                    causal, self_mask, all_valid) -> str:
+                    causal, self_mask, all_valid, interpret) -> str:
     """Who attends inside the clusters: "xla" (the code below) or a kernel of the
     grouped-attention op (kernels/grouped_attention)."""
     if assignment == "causal" and not same_routing:
@@ -145,11 +145,11 @@ def _implementation(implementation, *, assignment, same_routing, window, dim, vd
     if assignment == "balanced":
         call = CallShape(block_q=window, block_k=window, dim=dim, vdim=vdim, dtype=dtype,
                          offsets=(0,), span=None, self_mask=self_mask,
-                         aligned=same_routing and all_valid)
+                         aligned=same_routing and all_valid, interpret=interpret)
     else:
         call = CallShape(block_q=window, block_k=window, dim=dim, vdim=vdim, dtype=dtype,
                          offsets=(-1, 0) if causal else (-1, 0, 1), span=window,
-                         self_mask=self_mask)
+                         self_mask=self_mask, interpret=interpret)
     return choose_implementation(call, implementation)
 
 

@@ -12,6 +12,7 @@ from pydantic_core import PydanticCustomError
 
 HeadKind = Literal["local", "routing", "full"]
 Implementation = Literal["xla", "pallas_tpu", "pallas_gpu", "cudnn"]
+ImplementationList = Annotated[list[Implementation], Field(min_length=1)]
 HEAD_KINDS: tuple[HeadKind, ...] = ("local", "full", "routing")  # order of heads inside a layer
 
 
@@ -90,7 +91,7 @@ class AttentionSpec(Strict):
     layer_heads: list[HeadCounts] | None = Field(
         None, description="Optional per-layer head counts (one entry per layer), overriding the "
         "`count` of each group; every layer must have the same total.")
-    implementation: Implementation | list[Implementation] | None = Field(
+    implementation: Implementation | ImplementationList | None = Field(
         None, description="Who computes local and routing attention: `xla`, `pallas_tpu`, "
         "`pallas_gpu`, `cudnn`, or a preference list (the first that can take the shapes "
         "runs; skipped ones are logged). Default: the best for the backend (TPU: pallas_tpu; "
