@@ -1,13 +1,16 @@
 """Choosing an implementation: by name, by preference list, or by the current backend.
 
-Every op offers the same names. `None` means "the best for `jax.default_backend()`", a name
-means exactly that implementation, and a sequence means "the first of these that can take the
+Every op offers the same names. `None` means "the best for this platform" (the default
+device's, or the one named by `target_platform` when compiling ahead of time), a name means
+exactly that implementation, and a sequence means "the first of these that can take the
 arguments". A skipped candidate is logged with its reason; when nothing fits, the error lists
 every reason.
 """
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -18,16 +21,39 @@ IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas_tpu", "pallas_gpu", "cudnn")
 # interpreter for tests, orders of magnitude slower than XLA.
 DEFAULTS: dict[str, tuple[str, ...]] = {
     "tpu": ("pallas_tpu", "xla"),
-    "gpu": ("pallas_gpu", "cudnn", "xla"),
     "cuda": ("pallas_gpu", "cudnn", "xla"),
 }
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target", default=None)
 
 log = logging.getLogger("rtlib.kernels")
 
 
+@contextlib.contextmanager
+def target_platform(name: Literal["tpu", "cuda"]) -> Iterator[None]:
+    """Choose implementations for `name` rather than for this machine's devices: for
+    compiling or exporting ahead of time, e.g. on a CPU host for a TPU job
+
+        with kernels.dispatch.target_platform("tpu"):
+            exported = jax.export.export(jax.jit(step), platforms=["tpu"])(*args)
+    """
+    token = _TARGET.set(name)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def targeted() -> bool:
+    """Whether a `target_platform` block is active (no device of that kind need exist)."""
+    return _TARGET.get() is not None
+
+
 def platform() -> str:
-    """"tpu", "cuda", "rocm" or "cpu": what the default device is (ROCm reports itself as
-    "gpu" like CUDA; its client's platform version says which)."""
+    """"tpu", "cuda", "rocm" or "cpu": the `target_platform` if one is set, else the default
+    device's (ROCm reports itself as "gpu" like CUDA; its client's platform version says
+    which)."""
+    if (target := _TARGET.get()) is not None:
+        return target
     backend = jax.default_backend()
     if backend == "gpu":
         version = getattr(jax.devices()[0].client, "platform_version", "") or ""
@@ -37,14 +63,13 @@ def platform() -> str:
 
 def wrong_platform(kernel_platform: str, interpret: bool) -> str | None:
     """Why a kernel for `kernel_platform` ("tpu" or "cuda") cannot run here, or None.
-
-    Interpret mode runs anywhere. A CPU is allowed too: there the kernels are exported for
-    their platform ahead of time (a plain call on CPU fails in Pallas with "Only interpret
-    mode is supported on CPU backend").
-    """
+    Interpret mode runs anywhere."""
     here = platform()
-    if interpret or here in (kernel_platform, "cpu"):
+    if interpret or here == kernel_platform:
         return None
+    if here == "cpu":
+        return (f"its kernels are for {kernel_platform}; on a CPU they run only with "
+                f"interpret=True (or are exported under target_platform({kernel_platform!r}))")
     return f"its kernels are for {kernel_platform}, this is {here} (interpret=False)"
 
 
@@ -55,7 +80,7 @@ class KernelUnavailable(ValueError):
 def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
     """The ordered names to try; refuses unknown names."""
     if implementation is None:
-        return DEFAULTS.get(jax.default_backend(), ("xla",))
+        return DEFAULTS.get(platform(), ("xla",))
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
     if not names:
         raise ValueError("implementation: an empty sequence names no implementation")

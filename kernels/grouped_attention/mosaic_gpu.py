@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.dispatch import platform
+from kernels.dispatch import platform, targeted
 from kernels.grouped_attention.call import CallShape
 from kernels.grouped_attention.kernel import Pattern
 from kernels.grouped_attention.reference import grouped_attention_backward, visibility
@@ -38,9 +38,9 @@ def smem_bytes(call: CallShape) -> int:
 
 
 def _hopper() -> str | None:
-    """Why the default GPU has no `wgmma` (sm90 only), or None (also when there is no GPU:
-    exporting for cuda, or interpreting)."""
-    if platform() != "cuda":
+    """Why the default GPU has no `wgmma` (sm90 only), or None (also when no GPU is asked
+    about: exporting under `target_platform("cuda")`, or interpreting)."""
+    if platform() != "cuda" or targeted():
         return None
     capability = getattr(jax.devices()[0], "compute_capability", None)
     if capability is not None and str(capability) != "9.0":
