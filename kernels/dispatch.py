@@ -77,6 +77,15 @@ class KernelUnavailable(ValueError):
     """No requested implementation can take these arguments (the message says why)."""
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A fallback is logged as a warning the first time (every trace would repeat it)."""
+    log.log(logging.DEBUG if message in _warned else logging.WARNING, message)
+    _warned.add(message)
+
+
 def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
     """The ordered names to try; refuses unknown names."""
     if implementation is None:
@@ -110,7 +119,7 @@ def choose(
         reason = f"{op} has no {name} implementation" if check is None else check()
         if reason is None:
             for skipped in reasons:
-                log.warning("%s: skipping %s", op, skipped)
+                _warn_once(f"{op}: skipping {skipped}")
             return name
         reasons.append(f"{name}: {reason}")
     raise KernelUnavailable(f"{op}: no requested implementation can run: " + "; ".join(reasons))

@@ -237,7 +237,7 @@ def test_dispatch_by_name_preference_and_backend(caplog):
     assert choose_implementation(shape(), None) == "xla"
     with pytest.raises(KernelUnavailable, match="on a CPU they run only with interpret=True"):
         choose_implementation(shape(), "pallas_tpu")
-    with caplog.at_level(logging.WARNING, logger="rtlib.kernels"):
+    with caplog.at_level(logging.DEBUG, logger="rtlib.kernels"):
         assert choose_implementation(shape(), ["pallas_gpu", "xla"]) == "xla"
     assert "skipping pallas_gpu: its kernels are for cuda; on a CPU" in caplog.text
     caplog.clear()
@@ -251,7 +251,7 @@ def test_dispatch_by_name_preference_and_backend(caplog):
                        "64; got block_q=12, block_k=12; Triton: Triton needs powers of two >= "
                        "16; got block_q=12, block_k=12"):
         choose_implementation(odd, "pallas_gpu")
-    with caplog.at_level(logging.WARNING, logger="rtlib.kernels"):
+    with caplog.at_level(logging.DEBUG, logger="rtlib.kernels"):
         assert choose_implementation(odd, ["pallas_gpu", "pallas_tpu"]) == "pallas_tpu"
     assert "skipping pallas_gpu: Mosaic GPU: " in caplog.text
     with target_platform("cuda"), pytest.raises(
@@ -273,7 +273,7 @@ def test_dispatch_refuses_kernels_for_another_platform(monkeypatch, caplog):
     import kernels.dispatch
 
     monkeypatch.setattr(kernels.dispatch, "platform", lambda: "cuda")
-    with caplog.at_level(logging.WARNING, logger="rtlib.kernels"):
+    with caplog.at_level(logging.DEBUG, logger="rtlib.kernels"):
         assert choose_implementation(shape(), ["pallas_tpu", "xla"]) == "xla"
     assert "its kernels are for tpu, this is cuda (interpret=False)" in caplog.text
     assert choose_implementation(shape(interpret=True), "pallas_tpu") == "pallas_tpu"
