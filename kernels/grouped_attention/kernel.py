@@ -68,6 +68,24 @@ def _tile(pattern: Pattern, block_ok, q, k, qp, kp, qs, ks):
     return mask, jnp.where(mask, s, MASKED_LOGIT)
 
 
+def _live(pattern: Pattern, block, n, qp, kp, qs, ks):
+    """(block in range, tile has a visible pair). Skipping the other tiles is exact: a tile
+    with no visible pair adds nothing to any row."""
+    block_ok = (block >= 0) & (block < n)
+    visible = visibility(qp, kp, qs, ks, causal=pattern.causal, span=pattern.span)
+    return block_ok, block_ok & _any(visible)
+
+
+def _tile_grads(pattern: Pattern, block_ok, q, k, v, qp, kp, qs, ks, do, lse, delta):
+    """(probabilities, logit gradients) of one tile, recomputed from the saved lse."""
+    mask, s = _tile(pattern, block_ok, q, k, qp, kp, qs, ks)
+    p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+    ds = p * (_dot(do, v, (1, 1)) - delta)
+    if pattern.self_mask:  # the self logit is a constant: no gradient through it
+        ds = jnp.where(kp == qp, 0.0, ds)
+    return p, ds
+
+
 def _forward_kernel(pattern: Pattern, q_ref, qp_ref, qs_ref, *refs):
     *key_refs, o_ref, lse_ref = refs
     i, n = pl.program_id(1), pl.num_programs(1)
@@ -79,8 +97,7 @@ def _forward_kernel(pattern: Pattern, q_ref, qp_ref, qs_ref, *refs):
     for t, o in enumerate(pattern.offsets):
         k_ref, v_ref, kp_ref, ks_ref = key_refs[4 * t : 4 * t + 4]
         kp, ks = kp_ref[...], ks_ref[...]
-        block_ok = (i + o >= 0) & (i + o < n)
-        live = _any(visibility(qp, kp, qs, ks, causal=pattern.causal, span=pattern.span))
+        block_ok, live = _live(pattern, i + o, n, qp, kp, qs, ks)
 
         def update(carry, k_ref=k_ref, v_ref=v_ref, kp=kp, ks=ks, block_ok=block_ok):
             m, row_sum, acc = carry
@@ -92,8 +109,7 @@ def _forward_kernel(pattern: Pattern, q_ref, qp_ref, qs_ref, *refs):
             return (m_new, row_sum * corr + jnp.sum(p, axis=1, keepdims=True),
                     acc * corr + _dot(p.astype(v.dtype), v, (1, 0)))
 
-        m, row_sum, acc = jax.lax.cond(live & block_ok, update, lambda c: c,
-                                       (m, row_sum, acc))
+        m, row_sum, acc = jax.lax.cond(live, update, lambda c: c, (m, row_sum, acc))
     nonempty = row_sum > 0
     o_ref[...] = (acc / jnp.where(nonempty, row_sum, 1.0)).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(jnp.where(nonempty, row_sum, 1.0))
@@ -108,19 +124,15 @@ def _dq_kernel(pattern: Pattern, q_ref, qp_ref, qs_ref, do_ref, lse_ref, delta_r
     for t, o in enumerate(pattern.offsets):
         k_ref, v_ref, kp_ref, ks_ref = key_refs[4 * t : 4 * t + 4]
         kp, ks = kp_ref[...], ks_ref[...]
-        block_ok = (i + o >= 0) & (i + o < n)
-        live = _any(visibility(qp, kp, qs, ks, causal=pattern.causal, span=pattern.span))
+        block_ok, live = _live(pattern, i + o, n, qp, kp, qs, ks)
 
         def update(dq, k_ref=k_ref, v_ref=v_ref, kp=kp, ks=ks, block_ok=block_ok):
             k = k_ref[...]
-            mask, s = _tile(pattern, block_ok, q, k, qp, kp, qs, ks)
-            p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-            ds = p * (_dot(do, v_ref[...], (1, 1)) - delta)
-            if pattern.self_mask:  # the self logit is a constant: no gradient through it
-                ds = jnp.where(kp == qp, 0.0, ds)
+            _, ds = _tile_grads(pattern, block_ok, q, k, v_ref[...], qp, kp, qs, ks, do, lse,
+                                delta)
             return dq + _dot(ds.astype(k.dtype), k, (1, 0)) * pattern.scale
 
-        dq = jax.lax.cond(live & block_ok, update, lambda d: d, dq)
+        dq = jax.lax.cond(live, update, lambda d: d, dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -133,22 +145,18 @@ def _dkv_kernel(pattern: Pattern, k_ref, v_ref, kp_ref, ks_ref, *refs):
     for t, o in enumerate(pattern.offsets):  # key block j serves query block j - o
         q_ref, qp_ref, qs_ref, do_ref, lse_ref, delta_ref = query_refs[6 * t : 6 * t + 6]
         qp, qs = qp_ref[...], qs_ref[...]
-        block_ok = (j - o >= 0) & (j - o < n)
-        live = _any(visibility(qp, kp, qs, ks, causal=pattern.causal, span=pattern.span))
+        block_ok, live = _live(pattern, j - o, n, qp, kp, qs, ks)
 
         def update(carry, q_ref=q_ref, qp=qp, qs=qs, do_ref=do_ref, lse_ref=lse_ref,
                    delta_ref=delta_ref, block_ok=block_ok):
             dk, dv = carry
             q, do = q_ref[...], do_ref[...]
-            mask, s = _tile(pattern, block_ok, q, k, qp, kp, qs, ks)
-            p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-            ds = p * (_dot(do, v, (1, 1)) - delta_ref[...])
-            if pattern.self_mask:
-                ds = jnp.where(kp == qp, 0.0, ds)
+            p, ds = _tile_grads(pattern, block_ok, q, k, v, qp, kp, qs, ks, do, lse_ref[...],
+                                delta_ref[...])
             return (dk + _dot(ds.astype(q.dtype), q, (0, 0)) * pattern.scale,
                     dv + _dot(p.astype(do.dtype), do, (0, 0)))
 
-        dk, dv = jax.lax.cond(live & block_ok, update, lambda c: c, (dk, dv))
+        dk, dv = jax.lax.cond(live, update, lambda c: c, (dk, dv))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
