@@ -67,6 +67,28 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_synth(args) -> int:
+    from dataclasses import fields
+
+    from rtlib.data.store import MANIFEST, open_kvstore
+    from rtlib.data.synth import SynthOptions, synth
+
+    options = SynthOptions(**{f.name: getattr(args, f.name) for f in fields(SynthOptions)
+                              if getattr(args, f.name) is not None})
+    before = open_kvstore(args.out).read(MANIFEST).result()
+    m = synth(args.task, args.out, options, force=args.force)
+    if before.state == "value" and json.loads(bytes(before.value)) == m:
+        print(f"{args.out}: already made with these settings; kept")
+    counts = ", ".join(f"{s} {v['documents']:,} examples / {v['answers']:,} answers"
+                       for s, v in m["splits"].items())
+    src = m["source"]
+    print(f"{args.out}: {args.task}, {m['example_tokens']} tokens per example, vocabulary "
+          f"{m['tokenizer']['vocab_size']}; {counts}; every answer at least "
+          f"{src['min_distance']} tokens after what it recalls; chance accuracy "
+          f"{src['chance_accuracy']:.3f}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     import signal
 
@@ -146,6 +168,14 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_routes(args) -> int:
+    from rtlib.routes import write_routes
+
+    write_routes(args.run_dir, args.text, args.out, step=args.step, query=args.query,
+                 max_tokens=args.max_tokens)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtlib", description="Routing Transformer in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +202,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="a single text file is cut at line breaks into documents of this size")
     p.add_argument("--force", action="store_true", help="replace an existing token store")
     p.set_defaults(fn=_cmd_prepare)
+    p = data_sub.add_parser("synth", help="a synthetic long-range task as a token store with "
+                            "an answer mask (recall: multi-query associative recall; copy: "
+                            "induction copy)")
+    p.add_argument("task", choices=["recall", "copy"])
+    p.add_argument("out", help="output directory or tensorstore kvstore URL")
+    for flag, what in [
+            ("length", "tokens per example, <bos> included (default 513: seq_len 512)"),
+            ("pairs", "recall: key/value pairs per example (default 16)"),
+            ("queries", "recall: queries per example, keys drawn with replacement (default: "
+                        "--pairs)"),
+            ("keys", "recall: key vocabulary (default 64)"),
+            ("values", "recall: value vocabulary (default 64; chance accuracy 1/values)"),
+            ("span", "copy: tokens in the copied span (default 32)"),
+            ("content", "copy: vocabulary of the span (default 64)"),
+            ("min-gap", "copy: filler tokens at least between the span and <copy> "
+                        "(default 128)"),
+            ("filler", "distractor vocabulary (default 64)"),
+            ("train", "training examples (default 4096)"),
+            ("valid", "validation examples (default 256)"),
+            ("test", "test examples (default 256)"),
+            ("seed", "seed (default 0)")]:
+        p.add_argument(f"--{flag}", type=int, help=what)
+    p.add_argument("--force", action="store_true", help="replace an existing token store")
+    p.set_defaults(fn=_cmd_synth)
 
     p = sub.add_parser("train", help="train (or resume) the run directory `run.dir` of a spec")
     spec_args(p)
@@ -206,6 +260,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="output file (default RUN_DIR/curves.png)")
     p.set_defaults(fn=_cmd_plot)
+
+    p = sub.add_parser("routes", help="HTML, PNG and JSON of which tokens each routing head "
+                       "clustered together over a text, and one query's attention")
+    p.add_argument("run_dir")
+    p.add_argument("--text", required=True, help="a text file (byte stores: any text; "
+                   "synthetic stores: whitespace-separated token names)")
+    p.add_argument("--out", required=True, help="output directory for routes.html, routes.png "
+                   "and routes.json")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--query", type=int, help="position whose attention is shown (default: the "
+                   "last token)")
+    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text "
+                   "(at most seq_len, the default)")
+    p.set_defaults(fn=_cmd_routes)
 
     p = sub.add_parser("validate", help="check a spec; exit 2 with the reasons if it is invalid")
     spec_args(p)

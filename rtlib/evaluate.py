@@ -1,16 +1,18 @@
-"""Scoring a model on a split of a token store: nll, bits per token and per byte, perplexity."""
+"""Scoring a model on a split of a token store: nll, bits per token and per byte, perplexity;
+for stores with an answer mask (synthetic tasks) also the greedy accuracy and nll of answers."""
 
 import contextlib
 import math
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from rtlib.data.pipeline import eval_batches
-from rtlib.data.store import TokenStore
+from rtlib.data.store import StoreError, TokenStore
 from rtlib.nn.model import RoutingTransformer
 from rtlib.parallel import activate, from_global
 from rtlib.parallel.rules import batch_sharding, rules_key
@@ -21,13 +23,19 @@ from rtlib.spec.schema import AxisRules
 @eqx.filter_jit
 def _nll_sum(model: RoutingTransformer, routing: RoutingState,
              tokens: Int[Array, "batch seq_plus_one"], mask: Bool[Array, "batch seq_plus_one"],
-             layout: str) -> tuple[Float[Array, ""], Float[Array, ""]]:
+             answers: Bool[Array, "batch seq_plus_one"], layout: str
+             ) -> Float[Array, "5"]:
+    """[nll sum, scored targets, answer nll sum, correct answers, answers]."""
     # layout: the active rules (static), see `rtlib.parallel.rules.rules_key`
     logits, _ = model(tokens[:, :-1], routing, mask=mask[:, :-1], inference=True)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         tokens[:, 1:])
-    weight = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)
-    return jnp.sum(ce * weight), jnp.sum(weight)
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    scored = mask[:, 1:] & mask[:, :-1]
+    weight = scored.astype(jnp.float32)
+    asked = (scored & answers[:, 1:]).astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == tokens[:, 1:]).astype(jnp.float32) * asked
+    return jnp.stack([jnp.sum(ce * weight), jnp.sum(weight), jnp.sum(ce * asked),
+                      jnp.sum(correct), jnp.sum(asked)])
 
 
 def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore, split: str, *,
@@ -37,21 +45,91 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
     windows of the model's seq_len. Byte-level tokens: bits per byte = bits per token.
     With a `mesh` (the model sharded on it), batches are split over its data axes; every
     process passes the same arguments."""
-    total_nll, total = 0.0, 0.0
+    sums = [0.0] * 5
     rows = None if mesh is None else batch_sharding(mesh, rules)
     with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
-        for tokens, mask in eval_batches(store, split, seq_len=model.seq_len,
-                                         batch_size=batch_size, max_tokens=max_tokens):
+        for batch in eval_batches(store, split, seq_len=model.seq_len,
+                                  batch_size=batch_size, max_tokens=max_tokens):
             if rows is None:
-                tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+                batch = [jnp.asarray(x) for x in batch]
             else:
-                tokens, mask = from_global(tokens, rows), from_global(mask, rows)
-            nll, count = _nll_sum(model, routing, tokens, mask,
-                                  "" if mesh is None else rules_key(rules or AxisRules()))
-            total_nll += float(nll)
-            total += float(count)
+                batch = [from_global(x, rows) for x in batch]
+            out = _nll_sum(model, routing, *batch,
+                           "" if mesh is None else rules_key(rules or AxisRules()))
+            sums = [a + float(b) for a, b in zip(sums, out)]
+    total_nll, total, answer_nll, correct, asked = sums
     nll = total_nll / total
-    bytes_per_token = 1.0  # byte tokenizer; a subword tokenizer would record its ratio
-    return {"split": split, "tokens": int(total), "nll": nll, "bits_per_token": nll / math.log(2),
-            "bits_per_byte": nll / math.log(2) / bytes_per_token, "perplexity": math.exp(nll)}
+    out = {"split": split, "tokens": int(total), "nll": nll, "bits_per_token": nll / math.log(2)}
+    if store.tokenizer.unit == "byte":  # a subword tokenizer would record its bytes per token
+        out["bits_per_byte"] = nll / math.log(2)
+    out["perplexity"] = math.exp(nll)
+    if store.has_answers(split):
+        out.update(answers=int(asked), answer_accuracy=correct / max(asked, 1.0),
+                   answer_nll=answer_nll / max(asked, 1.0))
+    return out
 
+
+
+@eqx.filter_jit
+def _prefix_nll(model: RoutingTransformer, routing: RoutingState,
+                tokens: Int[Array, "rows seq_plus_one"], positions: Int[Array, " rows"]
+                ) -> tuple[Float[Array, " rows"], Float[Array, " rows"], Bool[Array, " rows"],
+                           Bool[Array, " rows"]]:
+    """Per row: nll of the target after `positions` from the full pass and from a pass that
+    sees only the prefix (every later token masked as padding), and whether each got it right
+    (greedy)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    rows = jnp.arange(tokens.shape[0])
+    target = targets[rows, positions]
+    prefix = jnp.arange(inputs.shape[1])[None, :] <= positions[:, None]
+    out = []
+    for mask in (None, prefix):
+        logits, _ = model(inputs, routing, mask=mask, inference=True)
+        logits = logits[rows, positions].astype(jnp.float32)
+        out.append((optax.softmax_cross_entropy_with_integer_labels(logits, target),
+                    jnp.argmax(logits, axis=-1) == target))
+    (full, full_ok), (strict, strict_ok) = out
+    return full, strict, full_ok, strict_ok
+
+
+def causality_audit(model: RoutingTransformer, routing: RoutingState, store: TokenStore,
+                    split: str, *, windows: int = 4, per_window: int = 32, batch_size: int = 8,
+                    answers_only: bool = False, seed: int = 0) -> dict:
+    """How much a model's scores owe to seeing later tokens.
+
+    Balanced routing picks each centroid's top-W tokens over the whole sequence, so which past
+    keys a query sees depends on later tokens. For `per_window` target positions in each of the
+    split's first `windows` evaluation windows (seeded; with `answers_only`, the store's answer
+    positions), the target is scored twice: by the ordinary full pass, and by a strictly causal
+    pass in which every token after the query is padding (equivalent to recomputing the
+    prefix alone). Returns both mean nlls (nats) and greedy accuracies over the same targets;
+    for a strictly causal model they agree to rounding."""
+    rng = np.random.default_rng(seed)
+    rows_t, rows_p = [], []
+    for used, (tokens, mask, answers) in enumerate(eval_batches(
+            store, split, seq_len=model.seq_len, batch_size=1)):
+        if used >= windows:
+            break
+        scored = mask[0, 1:] & mask[0, :-1] & (answers[0, 1:] if answers_only else True)
+        where = np.flatnonzero(scored)
+        if answers_only:
+            where = where[:per_window]
+        elif len(where) > per_window:
+            where = np.sort(rng.choice(where, per_window, replace=False))
+        rows_t += [tokens[0]] * len(where)
+        rows_p += list(where)
+    if not rows_t:
+        raise StoreError(f"{store.location}: split {split!r} has no target to audit")
+    sums = np.zeros(4)
+    for b in range(0, len(rows_t), batch_size):
+        t = np.stack(rows_t[b:b + batch_size])
+        p = np.asarray(rows_p[b:b + batch_size], np.int32)
+        pad = batch_size - len(p)  # one compiled shape: repeat the last row, then drop it
+        t, p = np.concatenate([t, t[-1:].repeat(pad, 0)]), np.concatenate([p, p[-1:].repeat(pad)])
+        out = [np.asarray(x, np.float64)[:batch_size - pad]
+               for x in _prefix_nll(model, routing, jnp.asarray(t), jnp.asarray(p))]
+        sums += [x.sum() for x in out]
+    n = len(rows_t)
+    return {"split": split, "targets": n, "nll_full": sums[0] / n, "nll_causal": sums[1] / n,
+            "accuracy_full": sums[2] / n, "accuracy_causal": sums[3] / n,
+            "nll_gap": (sums[1] - sums[0]) / n}

@@ -29,15 +29,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     train = [r for r in records if "split" not in r]
     valid = [r for r in records if r.get("split") == "valid"]
+    # byte-level stores log bits per byte; synthetic (and other) vocabularies bits per token
+    unit = "byte" if any("bits_per_byte" in r for r in records) else "token"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot([r["step"] for r in train], [r["bits_per_byte"] for r in train],
+        ax.plot([r["step"] for r in train], [r[f"bits_per_{unit}"] for r in train],
                 label="train (batch)", lw=1)
     if valid:
-        ax.plot([r["step"] for r in valid], [r["bits_per_byte"] for r in valid], "o-",
+        ax.plot([r["step"] for r in valid], [r[f"bits_per_{unit}"] for r in valid], "o-",
                 label="valid", lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte")
+    ax.set_ylabel(f"bits per {unit}")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -201,13 +201,14 @@ def test_eval_batches_score_every_target_once(store):
     total = store.num_tokens("valid")
     data = store.read("valid", 0, total)
     targets = []
-    for tokens, mask in eval_batches(store, "valid", seq_len=16, batch_size=3):
+    for tokens, mask, answers in eval_batches(store, "valid", seq_len=16, batch_size=3):
+        assert not answers.any()  # a text store has no answer mask
         assert tokens.shape == mask.shape == (3, 17)
         for row, m in zip(tokens, mask, strict=True):
             assert not row[~m].any()  # padding is zeros
             targets.append(row[1:][m[1:] & m[:-1]])
     np.testing.assert_array_equal(np.concatenate(targets), data[1:])
-    capped = sum(int((m[:, 1:] & m[:, :-1]).sum()) for _, m in
+    capped = sum(int((m[:, 1:] & m[:, :-1]).sum()) for _, m, _ in
                  eval_batches(store, "valid", seq_len=16, batch_size=3, max_tokens=40))
     assert capped == 40
 

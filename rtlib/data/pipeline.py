@@ -7,6 +7,11 @@ global batch s is windows [s * B, (s + 1) * B), and data shard p of P reads rows
 [p * B / P, (p + 1) * B / P) of it, so P processes together hold exactly the batch one process
 would, row for row. The iterator's state (one integer, the same on every process) goes into
 checkpoints.
+
+Stores of fixed-length examples (synthetic tasks, `store.example_tokens`): training windows
+start on an example boundary (the jittered start is rounded down to one), and evaluation scores
+each example in its own window, so no answer is ever cut from the context that makes it
+predictable.
 """
 
 from collections.abc import Iterator
@@ -18,10 +23,15 @@ from rtlib.data.store import StoreError, TokenStore
 
 
 def train_dataset(store: TokenStore, split: str, *, seq_len: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  answers: bool = False) -> grain.MapDataset:
     """Batches of int32 [batch_size // process_count, seq_len + 1]: this data shard's rows of
     every global batch (`process_index` / `process_count` count data shards, see
-    `rtlib.parallel.data_shard`)."""
+    `rtlib.parallel.data_shard`). With `answers`, int32 [rows, 2, seq_len + 1]: the tokens and
+    the store's answer mask (0/1)."""
+    if answers and not store.has_answers(split):
+        raise StoreError(f"{store.location}: split {split!r} has no answer mask (only "
+                         "`rtlib data synth` stores do): train.loss_on: answers needs one")
     if batch_size % process_count:
         raise ValueError(f"global batch {batch_size} is not divisible by {process_count} "
                          "processes")
@@ -32,10 +42,18 @@ def train_dataset(store: TokenStore, split: str, *, seq_len: int, batch_size: in
                          f"seq_len + 1 = {span}: use a larger corpus or a shorter seq_len")
     windows = total // span
     last = total - span
+    example = _example_tokens(store, seq_len)
+    if example:
+        last = last // example * example
 
     def read(window: int, rng: np.random.Generator) -> np.ndarray:
         start = min(window * span + int(rng.integers(0, span)), last)
-        return store.read(split, start, start + span)
+        if example:
+            start = start // example * example
+        tokens = store.read(split, start, start + span)
+        if not answers:
+            return tokens
+        return np.stack([tokens, store.read_answers(split, start, start + span).astype(np.int32)])
 
     return (grain.MapDataset.range(windows)
             .shuffle(seed=seed)
@@ -51,24 +69,42 @@ def train_iterator(dataset: grain.MapDataset, *, threads: int, prefetch: int):
                                                           prefetch_buffer_size=prefetch)))
 
 
+def _example_tokens(store: TokenStore, seq_len: int) -> int | None:
+    example = store.example_tokens
+    if example and example > seq_len + 1:
+        raise StoreError(f"{store.location}: its examples are {example} tokens long, more than "
+                         f"model.seq_len + 1 = {seq_len + 1}: set model.seq_len >= "
+                         f"{example - 1}")
+    return example
+
+
 def eval_batches(store: TokenStore, split: str, *, seq_len: int, batch_size: int,
                  max_tokens: int | None = None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Consecutive windows scoring every target token of the split's first `max_tokens + 1`
-    tokens exactly once: (tokens int32 [batch, seq_len + 1], mask bool [batch, seq_len + 1]).
-    The last window and the last batch are padded; padding is masked out."""
+    tokens exactly once: (tokens int32 [batch, seq_len + 1], mask bool [batch, seq_len + 1],
+    answers bool [batch, seq_len + 1]: the store's answer mask, all False without one).
+    The last window and the last batch are padded; padding is masked out. In a store of
+    fixed-length examples each window is one example (its first token, `<bos>`, is never a
+    target)."""
+    example = _example_tokens(store, seq_len)
     total = store.num_tokens(split)
     if max_tokens is not None:
         total = min(total, max_tokens + 1)
     if total < 2:
         raise StoreError(f"{store.location}: split {split!r} has {total} tokens: nothing to "
                          "evaluate")
-    starts = list(range(0, total - 1, seq_len))
+    step, length = (example, example) if example else (seq_len, seq_len + 1)
+    starts = list(range(0, total - 1, step))
     for b in range(0, len(starts), batch_size):
         tokens = np.zeros((batch_size, seq_len + 1), np.int32)
         mask = np.zeros((batch_size, seq_len + 1), bool)
+        answers = np.zeros((batch_size, seq_len + 1), bool)
         for row, start in enumerate(starts[b:b + batch_size]):
-            piece = store.read(split, start, min(start + seq_len + 1, total))
+            stop = min(start + length, total)
+            piece = store.read(split, start, stop)
             tokens[row, :len(piece)] = piece
             mask[row, :len(piece)] = True
-        yield tokens, mask
+            if store.has_answers(split):
+                answers[row, :len(piece)] = store.read_answers(split, start, stop)
+        yield tokens, mask, answers

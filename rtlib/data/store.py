@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from rtlib.data.tokenizer import ByteTokenizer, tokenizer_from_manifest
+from rtlib.data.tokenizer import Tokenizer, tokenizer_from_manifest
 
 MANIFEST = "manifest.json"
 FORMAT = "rtlib-token-store"
 SPLITS = ("train", "valid", "test")
+ANSWERS = "answers"  # SPLIT.answers.zarr: the answer mask of a synthetic task
 CHUNK = 1 << 20  # tokens per zarr chunk: 1 MiB of bytes, a good unit for local and object stores
 
 
@@ -68,18 +69,38 @@ class TokenStore:
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
             arrays = {s: split_array(location, s) for s in manifest["splits"]}
+            # answer masks of synthetic tasks (`rtlib data synth`), one per split
+            arrays.update({f"{s}.{ANSWERS}": split_array(location, f"{s}.{ANSWERS}")
+                           for s, info in manifest["splits"].items() if "answers" in info})
         except Exception as e:
             raise StoreError(f"{location}: unreadable token store: {e}") from None
         for split, info in manifest["splits"].items():
-            if arrays[split].shape[0] != info["tokens"]:
-                raise StoreError(f"{location}: split {split!r} holds {arrays[split].shape[0]} "
-                                 f"tokens, the manifest says {info['tokens']}: the store is "
-                                 "damaged; prepare it again")
+            for name in (split, f"{split}.{ANSWERS}"):
+                if name in arrays and arrays[name].shape[0] != info["tokens"]:
+                    raise StoreError(f"{location}: {name!r} holds {arrays[name].shape[0]} "
+                                     f"tokens, the manifest says {info['tokens']}: the store "
+                                     "is damaged; prepare it again")
         return cls(location, manifest, arrays)
 
     @property
-    def tokenizer(self) -> ByteTokenizer:
+    def tokenizer(self) -> Tokenizer:
         return tokenizer_from_manifest(self.manifest["tokenizer"])
+
+    @property
+    def example_tokens(self) -> int | None:
+        """Tokens per example when every document is one fixed-length example (synthetic
+        tasks): windows then start on example boundaries. None for running text."""
+        return self.manifest.get("example_tokens")
+
+    def has_answers(self, split: str) -> bool:
+        return f"{split}.{ANSWERS}" in self.arrays
+
+    def read_answers(self, split: str, start: int, stop: int) -> np.ndarray:
+        """The answer mask [start, stop) of a split (bool); all False where none is stored."""
+        self._check_split(split)
+        if not self.has_answers(split):
+            return np.zeros(max(0, min(stop, self.num_tokens(split)) - start), bool)
+        return np.asarray(self.arrays[f"{split}.{ANSWERS}"][start:stop].read().result(), bool)
 
     def num_tokens(self, split: str) -> int:
         self._check_split(split)

@@ -297,6 +297,10 @@ class TrainSpec(Strict):
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of matmuls and activations; parameters, optimiser state "
         "and routing math stay float32.")
+    loss_on: Literal["all", "answers"] = Field(
+        "all", description="Targets of the next-token loss: every token, or only the answer "
+        "positions of a synthetic task's store (`rtlib data synth`; Zoology trains MQAR this "
+        "way: the random keys, values and filler are unpredictable noise).")
 
 
 class DataSpec(Strict):

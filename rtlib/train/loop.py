@@ -116,6 +116,13 @@ def _step_of(line: str) -> int | None:
         return None
 
 
+def _headline(out: dict, unit: str) -> str:
+    line = f"{out[f'bits_per_{unit}']:.3f} bits/{unit}"
+    if "answer_accuracy" in out:
+        line += f", answer accuracy {out['answer_accuracy']:.3f}"
+    return line
+
+
 def _open_data(spec: Spec) -> TokenStore:
     store = TokenStore.open(spec.data.path)
     vocab = store.tokenizer.vocab_size
@@ -147,10 +154,13 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
         print_fn(f"note: {spec.data.path} has no validation tokens: no evaluation")
     run_dir.mkdir(parents=True, exist_ok=True)
     n, batch = spec.model.seq_len, spec.train.batch_size
+    unit = store.tokenizer.unit
     rows = batch_sharding(mesh, rules)
     shard, shards = parallel.data_shard(rows, (batch, n + 1))
+    with_answers = spec.train.loss_on == "answers"
     dataset = train_dataset(store, "train", seq_len=n, batch_size=batch, seed=spec.run.seed,
-                            process_index=shard, process_count=shards)
+                            process_index=shard, process_count=shards, answers=with_answers)
+    batch_shape = (batch, 2, n + 1) if with_answers else (batch, n + 1)
     data = train_iterator(dataset, threads=spec.data.read_threads, prefetch=spec.data.prefetch)
     ckpt = Checkpointer(run_dir, keep=spec.run.keep)
     latest = ckpt.latest()
@@ -223,9 +233,9 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
         with _StopRequest() as stop:
             for step in range(start + 1, spec.train.steps + 1):
                 t0 = time.perf_counter()
-                tokens = parallel.global_batch(next(data), rows, (batch, n + 1))
+                tokens = parallel.global_batch(next(data), rows, batch_shape)
                 if not bool(ts.routing.initialised):
-                    ts = init_routing(tokens, ts, key=jax.random.fold_in(
+                    ts = init_routing(tokens[:, 0] if with_answers else tokens, ts, key=jax.random.fold_in(
                         jax.random.key(spec.run.seed), 0x5EED), mesh=mesh, rules=rules)
                     note("routing centroids initialised by k-means on the first batch")
                 ts, m = step_fn(tokens, ts)
@@ -258,13 +268,13 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
                         step == spec.train.steps:
                     record = {"step": step, **{k: float(v) for k, v in m.items()},
                               "lr": float(lr_at(step - 1)), "tokens_per_s": speed,
-                              "tokens_seen": tokens_seen, "bits_per_byte": float(m["lm_loss"])
-                              / LN2, "step_s": elapsed}
+                              "tokens_seen": tokens_seen,
+                              f"bits_per_{unit}": float(m["lm_loss"]) / LN2, "step_s": elapsed}
                     metrics.write(record)
                     interval_tokens, interval_time = 0, 0.0
                 if can_eval and spec.run.eval_every and step % spec.run.eval_every == 0:
                     out = run_eval(step)
-                    note(f"step {step}: valid {out['bits_per_byte']:.3f} bits/byte")
+                    note(f"step {step}: valid {_headline(out, unit)}")
                 minutes = spec.run.checkpoint_minutes
                 on_clock = bool(minutes) and time.monotonic() - last_save_time > 60 * minutes
                 # Clocks and signals are per process; saving and stopping are collective.
@@ -287,15 +297,20 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
             run_eval(result.step)
         result.eval = last_eval
         if last_eval is not None:
-            print_fn(f"step {result.step}: valid {last_eval['bits_per_byte']:.3f} bits/byte "
+            print_fn(f"step {result.step}: valid {_headline(last_eval, unit)} "
                      f"over {last_eval['tokens']:,} tokens (uniform: "
-                     f"{math.log2(spec.model.vocab_size):.1f})")
+                     f"{math.log2(store.tokenizer.vocab_size):.1f} bits/{unit})")
         if spec.run.sample_tokens:
             # One sequence: sampled on one device from a gathered copy, by process 0 only.
             model, routing = parallel.host_local((ts.model, ts.routing))
-            if primary:
-                tok = store.tokenizer
-                out = generate(model, routing, tok.encode(spec.run.sample_prompt),
+            tok = store.tokenizer
+            try:
+                prompt = tok.encode(spec.run.sample_prompt)
+            except ValueError as e:  # a synthetic vocabulary has no text prompt
+                prompt = None
+                print_fn(f"no sample: run.sample_prompt cannot be encoded ({e})")
+            if primary and prompt is not None:
+                out = generate(model, routing, prompt,
                                max_new_tokens=spec.run.sample_tokens,
                                sampling=Sampling(temperature=0.8, top_p=0.95),
                                vocab_limit=tok.vocab_size, key=jax.random.key(spec.run.seed))

@@ -98,7 +98,9 @@ def routing_metrics(stats: Stats) -> dict[str, Array]:
 
 
 def train_step_for(spec: Spec, mesh: Mesh | None = None):
-    """The jitted step for a spec: `step(batch, state) -> (state, metrics)`. With a `mesh`, the
+    """The jitted step for a spec: `step(batch, state) -> (state, metrics)`; `batch` is tokens
+    [batch, seq_len + 1], or [batch, 2, seq_len + 1] (tokens, answer mask) with
+    `train.loss_on: answers`. With a `mesh`, the
     batch is split over the data axes and the state keeps the shardings of `mesh.rules`
     (`init_sharded`). Cached by the settings that shape it, so a resumed, extended or repeated
     run in the same process reuses the compiled program."""
@@ -110,7 +112,7 @@ def train_step_for(spec: Spec, mesh: Mesh | None = None):
         return step
     rules = spec.mesh.rules
 
-    def run(batch: Int[Array, "batch seq_plus_one"], ts: TrainState):
+    def run(batch: Int[Array, "batch *seq_plus_one"], ts: TrainState):
         with activate(mesh, rules):
             return step(batch, ts)
 
@@ -124,8 +126,11 @@ def _train_step(key: str):
     micro = train.micro_batches
     dtype = train.compute_dtype
 
-    def loss_fn(model, routing, tokens, key):
-        return next_token_loss(_compute_dtype(model, dtype), routing, tokens, key=key)
+    def loss_fn(model, routing, batch, key):
+        # batch: tokens [b, n + 1], or [b, 2, n + 1] = tokens and answer mask (loss_on answers)
+        tokens, targets = (batch, None) if batch.ndim == 2 else (batch[:, 0], batch[:, 1] > 0)
+        return next_token_loss(_compute_dtype(model, dtype), routing, tokens, key=key,
+                               targets_mask=targets)
 
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
 
@@ -134,12 +139,12 @@ def _train_step(key: str):
         return grads, jnp.stack([loss, lm, commit]), stats
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")
-    def step(batch: Int[Array, "batch seq_plus_one"], ts: TrainState):
+    def step(batch: Int[Array, "batch *seq_plus_one"], ts: TrainState):
         key = jax.random.wrap_key_data(ts.key)
         key, k_step = jax.random.split(key)
         # Every micro-batch is split over the data axes, not held by a few devices.
-        tokens = constrain_as(batch.reshape(micro, batch.shape[0] // micro, batch.shape[1]),
-                              P(None, "batch", None))
+        tokens = constrain_as(batch.reshape(micro, batch.shape[0] // micro, *batch.shape[1:]),
+                              P(None, "batch", *[None] * (batch.ndim - 1)))
         keys = jax.random.split(k_step, micro)
         if micro == 1:
             grads, losses, stats = one(ts.model, ts.routing, tokens[0], keys[0])
