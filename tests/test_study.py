@@ -43,12 +43,13 @@ def test_study_specs_are_generated_and_arms_are_the_same_size(study):
 
 
 def test_study_smoke_end_to_end(study, tmp_path, text_store):
-    recall = str(tmp_path / "recall")
-    synth("recall", recall, SynthOptions(length=65, pairs=4, train=64, valid=8, test=8),
-          progress=False)
+    copy_store = str(tmp_path / "copy")
+    synth("copy", copy_store, SynthOptions(length=65, span=8, min_gap=16, train=64, valid=8,
+                                           test=8), progress=False)
     out, report = tmp_path / "out", tmp_path / "docs" / "study.md"
     argv = ["--smoke", "--out", str(out), "--report", str(report), "--arms",
-            "local,routing-balanced", f"--store=text={text_store}", f"--store=recall={recall}",
+            "local,routing-balanced", "--tasks", "text,copy", f"--store=text={text_store}",
+            f"--store=copy={copy_store}",
             "--set", "mesh.data=1"]
     assert study.main(argv) == 0
     rows = json.loads((out / "results.json").read_text())
@@ -56,13 +57,12 @@ def test_study_smoke_end_to_end(study, tmp_path, text_store):
             "wall_s"}
     assert all(keys <= r.keys() for r in rows)
     got = {(r["task"], r["arm"], r["metric"]) for r in rows}
-    assert {("text", "local", "bits_per_byte"), ("recall", "routing-balanced",
-                                                  "answer_accuracy"),
-            ("recall", "routing-balanced", "audit_nll_gap")} <= got
+    assert {("text", "local", "bits_per_byte"), ("copy", "routing-balanced", "answer_accuracy"),
+            ("copy", "routing-balanced", "audit_nll_gap")} <= got
     assert all(r["step"] == 2 for r in rows)
     text = report.read_text()
     assert "| routing-balanced |" in text and "Causality audit" in text
-    assert (report.parent / "study-recall.png").stat().st_size > 1000
+    assert (report.parent / "study-copy.png").stat().st_size > 1000
     # a finished run is reused, not retrained
     assert study.main(argv) == 0
     assert json.loads((out / "results.json").read_text()) == rows

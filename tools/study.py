@@ -66,6 +66,35 @@ TASKS = {
                     "default": {"steps": 1200, "eval_every": 200, "seeds": [0, 1, 2],
                                 "test_tokens": 262144}},
     },
+    "copy": {
+        "about": "induction copy (`rtlib data synth copy`): a 32-token span recalled by content "
+                 ">= 97 tokens later",
+        "store": "data/study/copy",
+        "make_store": ["data", "synth", "copy", "data/study/copy", "--length", "257",
+                       "--span", "32", "--min-gap", "64", "--train", "16384", "--valid", "256",
+                       "--test", "512"],
+        "metric": "answer_accuracy", "better": "higher",
+        "local_window": 16,
+        "routing": {"clusters": 4, "window": 64},
+        "spec": {
+            "model": {"vocab_size": 130, "seq_len": 256, "d_model": 64, "n_layers": 2,
+                      "embedding": {"positions": "rotary"},
+                      "feed_forward": {"hidden": 256, "activation": "gelu"},
+                      "routing": {"init": "kmeans", "commitment": 1.0e-4}},
+            "train": {"batch_size": 16, "lr": 3.0e-3, "warmup_steps": 100,
+                      "schedule": "constant", "weight_decay": 0.01, "clip_norm": 1.0,
+                      "loss_on": "answers"},
+            "run": {"log_every": 1, "checkpoint_every": 0, "sample_tokens": 0},
+            "data": {"path": "data/study/copy", "eval_tokens": 65536},
+        },
+        "budgets": {"smoke": {"steps": 2, "eval_every": 1, "seeds": [0], "test_tokens": 512,
+                              "geometry": {"seq_len": 64, "local_window": 16,
+                                           "routing": {"clusters": 2, "window": 32}}},
+                    "quick": {"steps": 1200, "eval_every": 200, "seeds": [0],
+                              "test_tokens": 131072},
+                    "default": {"steps": 2000, "eval_every": 200, "seeds": [0, 1, 2],
+                                "test_tokens": 131072}},
+    },
     "recall": {
         "about": "multi-query associative recall (`rtlib data synth recall`)",
         "store": "data/study/recall",
@@ -219,7 +248,20 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
     test = json.loads(scored.read_text().splitlines()[-1])
     records = read_metrics(run_dir)
     last = [r for r in records if "split" not in r][-1]
-    row = {"task": name, "arm": arm, "seed": seed, "step": test["step"],
+    from rtlib.data.store import TokenStore
+
+    source = TokenStore.open(str(ROOT / store)).manifest["source"]
+    local = spec.model.attention.heads[0]
+    routing = TASKS[name]["routing"] if "geometry" not in budget else \
+        budget["geometry"]["routing"]
+    geometry = {"n_layers": spec.model.n_layers, "d_model": spec.model.d_model,
+                "seq_len": spec.model.seq_len, "local_window": local.window,
+                "receptive_field": spec.model.n_layers * ((local.look_back + 1) * local.window
+                                                          - 1),
+                **routing, **{k: source[k] for k in ("min_distance", "chance_accuracy")
+                              if k in source}}
+    row = {"task": name, "arm": arm, "seed": seed, "step": test["step"], "store": store,
+           "geometry": geometry,
            "params": costs.parameters, "flops_per_token": sum(costs.flops_per_token.values()),
            "attention_flops_per_token": costs.flops_per_token["attention"]
            + costs.flops_per_token["routing"], "wall_s": wall,
@@ -228,7 +270,7 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
            "routing_last": {k: last[k] for k in ("coverage", "occupancy_min", "occupancy_max",
                                                  "occupancy_entropy") if k in last}}
     if arm == "routing-balanced":
-        row["audit"] = audit(run_dir, store, answers=name == "recall",
+        row["audit"] = audit(run_dir, store, answers=TASKS[name]["metric"] == "answer_accuracy",
                              small=budget["steps"] <= 2)
     done_file.write_text(json.dumps(row, indent=1))
     return row
@@ -303,7 +345,18 @@ def report(runs: list[dict], *, budget_name: str, command: str, total_s: float,
         if not task_runs:
             continue
         metric = TASKS[name]["metric"]
+        first = task_runs[0]
+        g = first["geometry"]
         lines += [f"## {name}: {TASKS[name]['about']}", "",
+                  f"Specs: `specs/study/{name}-*.yaml` ({g['n_layers']} layers, d_model "
+                  f"{g['d_model']}, {HEADS} heads of {HEAD_DIM}, sequence {g['seq_len']}). Local "
+                  f"heads: window {g['local_window']} with one block of look-back, so "
+                  f"{g['n_layers']} layers of local heads see at most {g['receptive_field']} "
+                  f"tokens back. Routing heads: {g['clusters']} clusters x window "
+                  f"{g['window']}, unshared QK. Store: `{first['store']}`"
+                  + (f"; every answer is at least {g['min_distance']} tokens after what it "
+                     f"recalls; chance accuracy {g['chance_accuracy']:.3f}."
+                     if "min_distance" in g else "."), "",
                   f"Test-split {metric.replace('_', ' ')} ({TASKS[name]['better']} is better), "
                   f"after {task_runs[0]['step']} steps; seeds {sorted({r['seed'] for r in task_runs})}; "
                   "mean ± standard deviation over seeds.", "",
@@ -365,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this token store for a task (the smoke test's tiny stores)")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="extra spec override for every run (e.g. model.d_model=32)")
+    p.add_argument("--notes", help="Markdown appended to the report (the findings, written "
+                   "by a person after reading the figures)")
     p.add_argument("--write-specs", action="store_true",
                    help="regenerate specs/study/*.yaml from the tables and exit")
     args = p.parse_args(argv)
@@ -402,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         (" --smoke" if args.smoke else "")
     report_path = Path(args.report).resolve()
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(report(runs, budget_name=budget_name, command=command,
-                                  total_s=total, report_path=report_path))
+    text = report(runs, budget_name=budget_name, command=command, total_s=total,
+                  report_path=report_path)
+    if args.notes:
+        text += "\n" + Path(args.notes).read_text()
+    report_path.write_text(text)
     print(f"study: {len(runs)} runs in {total / 60:.1f} min; {out / 'results.json'}; "
           f"{report_path}", flush=True)
     return 0
