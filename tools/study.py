@@ -38,6 +38,37 @@ SPECS = ROOT / "specs" / "study"
 HEADS, HEAD_DIM = 4, 16
 ARMS = ("local", "routing-balanced", "routing-causal", "full")
 
+# The smoke budget's tiny shapes (the suite runs it): 2 steps at sequence 64.
+SMOKE = {"steps": 2, "eval_every": 1, "seeds": [0], "test_tokens": 512,
+         "geometry": {"seq_len": 64, "local_window": 16, "routing": {"clusters": 2, "window": 32}}}
+
+
+def _synthetic(task: str, about: str, *, vocab: int, options: list[str], quick: dict | None,
+               default: dict) -> dict:
+    """A `rtlib data synth` task at sequence 256: 2 layers, answers beyond the local field."""
+    store = f"data/study/{task}"
+    return {
+        "about": about, "store": store,
+        "make_store": ["data", "synth", task, store, "--length", "257", *options, "--train",
+                       "16384", "--valid", "256", "--test", "512"],
+        "metric": "answer_accuracy", "better": "higher",
+        "local_window": 16,
+        "routing": {"clusters": 4, "window": 64},
+        "spec": {
+            "model": {"vocab_size": vocab, "seq_len": 256, "d_model": 64, "n_layers": 2,
+                      "embedding": {"positions": "rotary"},
+                      "feed_forward": {"hidden": 256, "activation": "gelu"},
+                      "routing": {"init": "kmeans", "commitment": 1.0e-4, "ema_decay": 0.99}},
+            "train": {"batch_size": 16, "lr": 3.0e-3, "warmup_steps": 100,
+                      "schedule": "constant", "weight_decay": 0.01, "clip_norm": 1.0,
+                      "loss_on": "answers"},
+            "run": {"log_every": 1, "checkpoint_every": 0, "sample_tokens": 0},
+            "data": {"path": store, "eval_tokens": 65536},
+        },
+        "budgets": {"smoke": SMOKE, "quick": quick, "default": default},
+    }
+
+
 # Per task: the shared spec, the local window and routing geometry, the data, the metric, and
 # how long each budget trains.
 TASKS = {
@@ -52,75 +83,29 @@ TASKS = {
             "model": {"vocab_size": 256, "seq_len": 2048, "d_model": 64, "n_layers": 2,
                       "embedding": {"positions": "rotary"},
                       "feed_forward": {"hidden": 256, "activation": "gelu"},
-                      "routing": {"init": "kmeans", "commitment": 1.0e-4}},
+                      "routing": {"init": "kmeans", "commitment": 1.0e-4, "ema_decay": 0.99}},
             "train": {"batch_size": 4, "lr": 3.0e-3, "warmup_steps": 20, "schedule": "cosine",
                       "weight_decay": 0.01, "clip_norm": 1.0},
             "run": {"log_every": 1, "checkpoint_every": 0, "sample_tokens": 0},
             "data": {"path": "data/stdlib", "eval_tokens": 32768},
         },
-        "budgets": {"smoke": {"steps": 2, "eval_every": 1, "seeds": [0], "test_tokens": 512,
-                              "geometry": {"seq_len": 64, "local_window": 16,
-                                           "routing": {"clusters": 2, "window": 32}}},
+        "budgets": {"smoke": SMOKE,
                     "quick": {"steps": 60, "eval_every": 20, "seeds": [0, 1],
                               "test_tokens": 65536},
                     "default": {"steps": 500, "eval_every": 100, "seeds": [0, 1, 2],
                                 "test_tokens": 262144}},
     },
-    "copy": {
-        "about": "induction copy (`rtlib data synth copy`): a 32-token span recalled by content "
-                 ">= 97 tokens later",
-        "store": "data/study/copy",
-        "make_store": ["data", "synth", "copy", "data/study/copy", "--length", "257",
-                       "--span", "32", "--min-gap", "64", "--train", "16384", "--valid", "256",
-                       "--test", "512"],
-        "metric": "answer_accuracy", "better": "higher",
-        "local_window": 16,
-        "routing": {"clusters": 4, "window": 64},
-        "spec": {
-            "model": {"vocab_size": 130, "seq_len": 256, "d_model": 64, "n_layers": 2,
-                      "embedding": {"positions": "rotary"},
-                      "feed_forward": {"hidden": 256, "activation": "gelu"},
-                      "routing": {"init": "kmeans", "commitment": 1.0e-4}},
-            "train": {"batch_size": 16, "lr": 3.0e-3, "warmup_steps": 100,
-                      "schedule": "constant", "weight_decay": 0.01, "clip_norm": 1.0,
-                      "loss_on": "answers"},
-            "run": {"log_every": 1, "checkpoint_every": 0, "sample_tokens": 0},
-            "data": {"path": "data/study/copy", "eval_tokens": 65536},
-        },
-        "budgets": {"smoke": {"steps": 2, "eval_every": 1, "seeds": [0], "test_tokens": 512,
-                              "geometry": {"seq_len": 64, "local_window": 16,
-                                           "routing": {"clusters": 2, "window": 32}}},
-                    "quick": {"steps": 1000, "eval_every": 200, "seeds": [0],
-                              "test_tokens": 131072},
-                    "default": {"steps": 2000, "eval_every": 200, "seeds": [0, 1],
-                                "test_tokens": 131072}},
-    },
-    "recall": {
-        "about": "multi-query associative recall (`rtlib data synth recall`)",
-        "store": "data/study/recall",
-        "make_store": ["data", "synth", "recall", "data/study/recall", "--length", "257",
-                       "--pairs", "16", "--train", "16384", "--valid", "256", "--test", "512"],
-        "metric": "answer_accuracy", "better": "higher",
-        "local_window": 16,
-        "routing": {"clusters": 4, "window": 64},
-        "spec": {
-            "model": {"vocab_size": 193, "seq_len": 256, "d_model": 64, "n_layers": 2,
-                      "embedding": {"positions": "rotary"},
-                      "feed_forward": {"hidden": 256, "activation": "gelu"},
-                      "routing": {"init": "kmeans", "commitment": 1.0e-4}},
-            "train": {"batch_size": 16, "lr": 3.0e-3, "warmup_steps": 50,
-                      "schedule": "constant", "weight_decay": 0.01, "clip_norm": 1.0,
-                      "loss_on": "answers"},
-            "run": {"log_every": 1, "checkpoint_every": 0, "sample_tokens": 0},
-            "data": {"path": "data/study/recall", "eval_tokens": 65536},
-        },
-        "budgets": {"smoke": {"steps": 2, "eval_every": 1, "seeds": [0], "test_tokens": 512,
-                              "geometry": {"seq_len": 64, "local_window": 16,
-                                           "routing": {"clusters": 2, "window": 32}}},
-                    "quick": None,  # no arm learns it in a quick budget (docs/study.md)
-                    "default": {"steps": 3000, "eval_every": 250, "seeds": [0],
-                                "test_tokens": 131072}},
-    },
+    "copy": _synthetic(
+        "copy", "induction copy (`rtlib data synth copy`): a 32-token span recalled by "
+        "content >= 97 tokens later", vocab=130,
+        options=["--span", "32", "--min-gap", "64"],
+        quick={"steps": 1000, "eval_every": 200, "seeds": [0], "test_tokens": 131072},
+        default={"steps": 2000, "eval_every": 200, "seeds": [0, 1], "test_tokens": 131072}),
+    "recall": _synthetic(
+        "recall", "multi-query associative recall (`rtlib data synth recall`)", vocab=193,
+        options=["--pairs", "16"],
+        quick=None,  # no arm learns it in a quick budget (docs/study.md)
+        default={"steps": 3000, "eval_every": 250, "seeds": [0], "test_tokens": 131072}),
 }
 
 
@@ -234,9 +219,10 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
     done_file = run_dir / "study.json"
     if done_file.exists():
         row = json.loads(done_file.read_text())
-        if row.get("overrides") == overrides:
+        resolved = spec.model_dump(mode="json")
+        if row.get("overrides") == overrides and row.get("spec", resolved) == resolved:
             print(f"study: {run_dir.name}: done before, reused", flush=True)
-            return row
+            return {**row, "reused": True}
     print(f"study: {run_dir.name}: training {budget['steps']} steps", flush=True)
     log = out / "logs" / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +252,7 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
            + costs.flops_per_token["routing"], "wall_s": wall,
            "train_s": sum(r.get("step_s") or 0.0 for r in records if "split" not in r),
            "test": test, "curve": curves(records), "overrides": overrides,
+           "spec": spec.model_dump(mode="json"),
            "routing_last": {k: last[k] for k in ("coverage", "occupancy_min", "occupancy_max",
                                                  "occupancy_entropy") if k in last}}
     if arm == "routing-balanced":
@@ -335,10 +322,13 @@ def plot(name: str, runs: list[dict], metric: str, path: Path) -> None:
 
 def report(runs: list[dict], *, budget_name: str, command: str, total_s: float,
            report_path: Path) -> str:
+    reused = sum(bool(r.get("reused")) for r in runs)
+    took = f"in {total_s / 60:.1f} minutes on this machine" + (
+        f" ({reused} of {len(runs)} runs finished by an earlier invocation of the same command "
+        "and reused; their wall times are in the tables)" if reused else "")
     lines = [f"# Study: routing vs local vs full attention ({budget_name})", "",
-             f"Generated by `{command}` in {total_s / 60:.1f} minutes on this machine; every "
-             "figure below is measured in that run (tables and plots are rewritten by each "
-             "run).", ""]
+             f"Generated by `{command}` {took}; every figure below is measured by the runs "
+             "it lists (tables and plots are rewritten by each invocation).", ""]
     for name in TASKS:
         task_runs = [r for r in runs if r["task"] == name]
         if not task_runs:
