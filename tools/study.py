@@ -92,7 +92,7 @@ TASKS = {
         "budgets": {"smoke": SMOKE,
                     "quick": {"steps": 60, "eval_every": 20, "seeds": [0, 1],
                               "test_tokens": 65536},
-                    "default": {"steps": 500, "eval_every": 100, "seeds": [0, 1, 2],
+                    "default": {"steps": 400, "eval_every": 100, "seeds": [0, 1, 2],
                                 "test_tokens": 262144}},
     },
     "copy": _synthetic(
