@@ -207,22 +207,27 @@ def _parser() -> argparse.ArgumentParser:
                             "induction copy)")
     p.add_argument("task", choices=["recall", "copy"])
     p.add_argument("out", help="output directory or tensorstore kvstore URL")
+    from rtlib.data.synth import SynthOptions
+
+    defaults = SynthOptions()
     for flag, what in [
-            ("length", "tokens per example, <bos> included (default 513: seq_len 512)"),
-            ("pairs", "recall: key/value pairs per example (default 16)"),
+            ("length", "tokens per example, <bos> included"),
+            ("pairs", "recall: key/value pairs per example"),
             ("queries", "recall: queries per example, keys drawn with replacement (default: "
                         "--pairs)"),
-            ("keys", "recall: key vocabulary (default 64)"),
-            ("values", "recall: value vocabulary (default 64; chance accuracy 1/values)"),
-            ("span", "copy: tokens in the copied span (default 32)"),
-            ("content", "copy: vocabulary of the span (default 64)"),
-            ("min-gap", "copy: filler tokens at least between the span and <copy> "
-                        "(default 128)"),
-            ("filler", "distractor vocabulary (default 64)"),
-            ("train", "training examples (default 4096)"),
-            ("valid", "validation examples (default 256)"),
-            ("test", "test examples (default 256)"),
-            ("seed", "seed (default 0)")]:
+            ("keys", "recall: key vocabulary"),
+            ("values", "recall: value vocabulary (chance accuracy 1/values)"),
+            ("span", "copy: tokens in the copied span"),
+            ("content", "copy: vocabulary of the span"),
+            ("min-gap", "copy: filler tokens at least between the span and <copy>"),
+            ("filler", "distractor vocabulary"),
+            ("train", "training examples"),
+            ("valid", "validation examples"),
+            ("test", "test examples"),
+            ("seed", "seed")]:
+        default = getattr(defaults, flag.replace("-", "_"))
+        if default is not None:
+            what += f" (default {default})"
         p.add_argument(f"--{flag}", type=int, help=what)
     p.add_argument("--force", action="store_true", help="replace an existing token store")
     p.set_defaults(fn=_cmd_synth)

@@ -70,26 +70,33 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
 
 
 
+def _scores(model: RoutingTransformer, routing: RoutingState,
+            tokens: Int[Array, "rows seq_plus_one"], mask: Bool[Array, "rows seq"] | None
+            ) -> tuple[Float[Array, "rows seq"], Bool[Array, "rows seq"]]:
+    """Per target: nll and whether the greedy prediction is right."""
+    logits, _ = model(tokens[:, :-1], routing, mask=mask, inference=True)
+    logits = logits.astype(jnp.float32)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]),
+            jnp.argmax(logits, axis=-1) == tokens[:, 1:])
+
+
 @eqx.filter_jit
-def _prefix_nll(model: RoutingTransformer, routing: RoutingState,
-                tokens: Int[Array, "rows seq_plus_one"], positions: Int[Array, " rows"]
-                ) -> tuple[Float[Array, " rows"], Float[Array, " rows"], Bool[Array, " rows"],
-                           Bool[Array, " rows"]]:
-    """Per row: nll of the target after `positions` from the full pass and from a pass that
-    sees only the prefix (every later token masked as padding), and whether each got it right
-    (greedy)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+def _full_scores(model: RoutingTransformer, routing: RoutingState,
+                 tokens: Int[Array, "rows seq_plus_one"]
+                 ) -> tuple[Float[Array, "rows seq"], Bool[Array, "rows seq"]]:
+    return _scores(model, routing, tokens, None)
+
+
+@eqx.filter_jit
+def _prefix_scores(model: RoutingTransformer, routing: RoutingState,
+                   tokens: Int[Array, "rows seq_plus_one"], positions: Int[Array, " rows"]
+                   ) -> tuple[Float[Array, " rows"], Bool[Array, " rows"]]:
+    """Per row: nll of the target after `positions` from a pass that sees only the prefix
+    (every later token masked as padding), and whether the greedy prediction is right."""
+    prefix = jnp.arange(tokens.shape[1] - 1)[None, :] <= positions[:, None]
+    nll, ok = _scores(model, routing, tokens, prefix)
     rows = jnp.arange(tokens.shape[0])
-    target = targets[rows, positions]
-    prefix = jnp.arange(inputs.shape[1])[None, :] <= positions[:, None]
-    out = []
-    for mask in (None, prefix):
-        logits, _ = model(inputs, routing, mask=mask, inference=True)
-        logits = logits[rows, positions].astype(jnp.float32)
-        out.append((optax.softmax_cross_entropy_with_integer_labels(logits, target),
-                    jnp.argmax(logits, axis=-1) == target))
-    (full, full_ok), (strict, strict_ok) = out
-    return full, strict, full_ok, strict_ok
+    return nll[rows, positions], ok[rows, positions]
 
 
 def causality_audit(model: RoutingTransformer, routing: RoutingState, store: TokenStore,
@@ -100,12 +107,13 @@ def causality_audit(model: RoutingTransformer, routing: RoutingState, store: Tok
     Balanced routing picks each centroid's top-W tokens over the whole sequence, so which past
     keys a query sees depends on later tokens. For `per_window` target positions in each of the
     split's first `windows` evaluation windows (seeded; with `answers_only`, the store's answer
-    positions), the target is scored twice: by the ordinary full pass, and by a strictly causal
-    pass in which every token after the query is padding (equivalent to recomputing the
-    prefix alone). Returns both mean nlls (nats) and greedy accuracies over the same targets;
-    for a strictly causal model they agree to rounding."""
+    positions), the target is scored twice: by the ordinary full pass (once per window), and by
+    a strictly causal pass in which every token after the query is padding (equivalent to
+    recomputing the prefix alone; one sequence per target). Returns both mean nlls (nats) and
+    greedy accuracies over the same targets; for a strictly causal model they agree to
+    rounding."""
     rng = np.random.default_rng(seed)
-    rows_t, rows_p = [], []
+    rows_t, rows_p, full = [], [], np.zeros(2)
     for used, (tokens, mask, answers) in enumerate(eval_batches(
             store, split, seq_len=model.seq_len, batch_size=1)):
         if used >= windows:
@@ -116,20 +124,23 @@ def causality_audit(model: RoutingTransformer, routing: RoutingState, store: Tok
             where = where[:per_window]
         elif len(where) > per_window:
             where = np.sort(rng.choice(where, per_window, replace=False))
+        nll, ok = (np.asarray(x[0], np.float64) for x in _full_scores(
+            model, routing, jnp.asarray(tokens)))
+        full += [nll[where].sum(), ok[where].sum()]
         rows_t += [tokens[0]] * len(where)
         rows_p += list(where)
     if not rows_t:
         raise StoreError(f"{store.location}: split {split!r} has no target to audit")
-    sums = np.zeros(4)
+    strict = np.zeros(2)
     for b in range(0, len(rows_t), batch_size):
         t = np.stack(rows_t[b:b + batch_size])
         p = np.asarray(rows_p[b:b + batch_size], np.int32)
         pad = batch_size - len(p)  # one compiled shape: repeat the last row, then drop it
         t, p = np.concatenate([t, t[-1:].repeat(pad, 0)]), np.concatenate([p, p[-1:].repeat(pad)])
         out = [np.asarray(x, np.float64)[:batch_size - pad]
-               for x in _prefix_nll(model, routing, jnp.asarray(t), jnp.asarray(p))]
-        sums += [x.sum() for x in out]
+               for x in _prefix_scores(model, routing, jnp.asarray(t), jnp.asarray(p))]
+        strict += [x.sum() for x in out]
     n = len(rows_t)
-    return {"split": split, "targets": n, "nll_full": sums[0] / n, "nll_causal": sums[1] / n,
-            "accuracy_full": sums[2] / n, "accuracy_causal": sums[3] / n,
-            "nll_gap": (sums[1] - sums[0]) / n}
+    return {"split": split, "targets": n, "nll_full": full[0] / n, "nll_causal": strict[0] / n,
+            "accuracy_full": full[1] / n, "accuracy_causal": strict[1] / n,
+            "nll_gap": (strict[0] - full[0]) / n}

@@ -15,7 +15,7 @@ from rtlib import build, load_spec
 from rtlib.costs import estimate_costs
 from rtlib.data.store import TokenStore
 from rtlib.data.synth import SynthOptions, synth
-from rtlib.evaluate import _prefix_nll, causality_audit
+from rtlib.evaluate import _prefix_scores, causality_audit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,8 +81,8 @@ def test_prefix_pass_is_strictly_causal_and_the_audit_sees_no_gap_for_causal_rou
     # changing every token after the scored position leaves the strict pass unchanged
     noise = jax.random.randint(getkey(), tokens.shape, 0, 130)
     after = jnp.arange(65)[None, :] > positions[:, None] + 1
-    _, strict, _, _ = _prefix_nll(model, state, tokens, positions)
-    _, strict2, _, _ = _prefix_nll(model, state, jnp.where(after, noise, tokens), positions)
+    strict, _ = _prefix_scores(model, state, tokens, positions)
+    strict2, _ = _prefix_scores(model, state, jnp.where(after, noise, tokens), positions)
     np.testing.assert_allclose(np.asarray(strict), np.asarray(strict2), rtol=0, atol=1e-6)
     # causal assignment: the full pass is already strictly causal
     causal, cstate = build(load_spec(ROOT / "specs" / "tiny-causal.yaml", common).model,

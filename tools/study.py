@@ -179,16 +179,6 @@ def ensure_store(name: str, smoke_store: str | None) -> str:
     return task["store"]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    lines = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except ValueError:
-            pass
-    return lines
-
-
 def curves(records: list[dict]) -> list[dict]:
     """Validation points with the training seconds spent up to them (compile excluded)."""
     seconds, out = 0.0, []
@@ -204,6 +194,8 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
             extra: list[str]) -> dict:
     """Train one arm (or reuse a finished run), score its test split, audit balanced routing."""
     from rtlib.costs import estimate_costs
+    from rtlib.data.store import TokenStore
+    from rtlib.plot import read_metrics
     from rtlib.spec.load import load_spec
 
     run_dir = out / "runs" / f"{name}-{arm}-s{seed}"
@@ -233,9 +225,8 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
     test = json.loads(scored.read_text().splitlines()[-1])
     records = read_metrics(run_dir)
     last = [r for r in records if "split" not in r][-1]
-    from rtlib.data.store import TokenStore
-
-    source = TokenStore.open(str(ROOT / store)).manifest["source"]
+    data = TokenStore.open(str(ROOT / store))
+    source = data.manifest["source"]
     local = spec.model.attention.heads[0]
     routing = TASKS[name]["routing"] if "geometry" not in budget else \
         budget["geometry"]["routing"]
@@ -256,19 +247,18 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
            "routing_last": {k: last[k] for k in ("coverage", "occupancy_min", "occupancy_max",
                                                  "occupancy_entropy") if k in last}}
     if arm == "routing-balanced":
-        row["audit"] = audit(run_dir, store, answers=TASKS[name]["metric"] == "answer_accuracy",
+        row["audit"] = audit(run_dir, data, answers=TASKS[name]["metric"] == "answer_accuracy",
                              small=budget["steps"] <= 2)
     done_file.write_text(json.dumps(row, indent=1))
     return row
 
 
-def audit(run_dir: Path, store: str, *, answers: bool, small: bool) -> dict:
-    from rtlib.data.store import TokenStore
+def audit(run_dir: Path, store, *, answers: bool, small: bool) -> dict:
     from rtlib.evaluate import causality_audit
     from rtlib.train.run_dir import load_run
 
     _, ts, _ = load_run(run_dir)
-    return causality_audit(ts.model, ts.routing, TokenStore.open(str(ROOT / store)), "test",
+    return causality_audit(ts.model, ts.routing, store, "test",
                            windows=1 if small else 8, per_window=4 if small else 32,
                            batch_size=4 if small else 16, answers_only=answers)
 
@@ -285,6 +275,12 @@ def result_rows(runs: list[dict]) -> list[dict]:
             if key.startswith(("nll", "accuracy")):
                 rows.append({**base, "metric": f"audit_{key}", "value": value})
     return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(row) + " |" for row in rows]]
 
 
 def spread(values: list[float]) -> str:
@@ -347,21 +343,19 @@ def report(runs: list[dict], *, budget_name: str, command: str, total_s: float,
                      f"recalls; chance accuracy {g['chance_accuracy']:.3f}."
                      if "min_distance" in g else "."), "",
                   f"Test-split {metric.replace('_', ' ')} ({TASKS[name]['better']} is better), "
-                  f"after {task_runs[0]['step']} steps; seeds {sorted({r['seed'] for r in task_runs})}; "
-                  "mean ± standard deviation over seeds.", "",
-                  f"| arm | {metric} | params | forward FLOPs/token | attention+routing "
-                  "FLOPs/token | train s (per run) | wall s (per run, with compile and eval) |",
-                  "|---|---|---|---|---|---|---|"]
-        for arm in ARMS:
-            rs = [r for r in task_runs if r["arm"] == arm]
-            if not rs:
-                continue
-            lines.append(
-                f"| {arm} | {spread([r['test'][metric] for r in rs])} | {rs[0]['params']:,} | "
-                f"{rs[0]['flops_per_token'] / 1e6:.2f} M | "
-                f"{rs[0]['attention_flops_per_token'] / 1e6:.3f} M | "
-                f"{statistics.mean(r['train_s'] for r in rs):.0f} | "
-                f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+                  f"after {first['step']} steps; seeds "
+                  f"{sorted({r['seed'] for r in task_runs})}; mean ± standard deviation over "
+                  "seeds.", "",
+                  *table([
+                      "arm", metric, "params", "forward FLOPs/token",
+                      "attention+routing FLOPs/token", "train s (per run)",
+                      "wall s (per run, with compile and eval)"],
+                      [[arm, spread([r["test"][metric] for r in rs]), f"{rs[0]['params']:,}",
+                        f"{rs[0]['flops_per_token'] / 1e6:.2f} M",
+                        f"{rs[0]['attention_flops_per_token'] / 1e6:.3f} M",
+                        f"{statistics.mean(r['train_s'] for r in rs):.0f}",
+                        f"{statistics.mean(r['wall_s'] for r in rs):.0f}"]
+                       for arm in ARMS if (rs := [r for r in task_runs if r["arm"] == arm])])]
         figure = report_path.with_name(f"{report_path.stem}-{name}.png")
         plot(name, task_runs, metric, figure)
         lines += ["", f"![{name} curves]({figure.name})", ""]
@@ -370,26 +364,23 @@ def report(runs: list[dict], *, budget_name: str, command: str, total_s: float,
             lines += ["Routing at the last training step (share of routed vectors in the least "
                       "/ most used cluster, normalised occupancy entropy, share of queries in at "
                       "least one cluster):", "",
-                      "| arm | seed | occupancy min | occupancy max | entropy | coverage |",
-                      "|---|---|---|---|---|---|"]
-            for r in routed:
-                x = r["routing_last"]
-                lines.append(f"| {r['arm']} | {r['seed']} | {x['occupancy_min']:.3f} | "
-                             f"{x['occupancy_max']:.3f} | {x['occupancy_entropy']:.3f} | "
-                             f"{x['coverage']:.3f} |")
-            lines.append("")
+                      *table(["arm", "seed", "occupancy min", "occupancy max", "entropy",
+                              "coverage"],
+                             [[r["arm"], str(r["seed"]),
+                               *(f"{r['routing_last'][k]:.3f}" for k in (
+                                   "occupancy_min", "occupancy_max", "occupancy_entropy",
+                                   "coverage"))] for r in routed]), ""]
         audited = [r for r in task_runs if "audit" in r]
         if audited:
             lines += ["Causality audit of balanced routing (the same test targets scored by "
                       "the full pass and by a strictly causal pass that sees only the prefix):",
-                      "", "| seed | targets | nll full | nll causal | gap (nats) | accuracy full "
-                      "| accuracy causal |", "|---|---|---|---|---|---|---|"]
-            for r in audited:
-                a = r["audit"]
-                lines.append(f"| {r['seed']} | {a['targets']} | {a['nll_full']:.4f} | "
-                             f"{a['nll_causal']:.4f} | {a['nll_gap']:+.4f} | "
-                             f"{a['accuracy_full']:.3f} | {a['accuracy_causal']:.3f} |")
-            lines.append("")
+                      "",
+                      *table(["seed", "targets", "nll full", "nll causal", "gap (nats)",
+                              "accuracy full", "accuracy causal"],
+                             [[str(r["seed"]), str(a["targets"]), f"{a['nll_full']:.4f}",
+                               f"{a['nll_causal']:.4f}", f"{a['nll_gap']:+.4f}",
+                               f"{a['accuracy_full']:.3f}", f"{a['accuracy_causal']:.3f}"]
+                              for r in audited if (a := r["audit"])]), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -96,10 +96,8 @@ class TokenStore:
         return f"{split}.{ANSWERS}" in self.arrays
 
     def read_answers(self, split: str, start: int, stop: int) -> np.ndarray:
-        """The answer mask [start, stop) of a split (bool); all False where none is stored."""
+        """The answer mask [start, stop) of a split (bool); see `has_answers`."""
         self._check_split(split)
-        if not self.has_answers(split):
-            return np.zeros(max(0, min(stop, self.num_tokens(split)) - start), bool)
         return np.asarray(self.arrays[f"{split}.{ANSWERS}"][start:stop].read().result(), bool)
 
     def num_tokens(self, split: str) -> int:

@@ -235,8 +235,9 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
                 t0 = time.perf_counter()
                 tokens = parallel.global_batch(next(data), rows, batch_shape)
                 if not bool(ts.routing.initialised):
-                    ts = init_routing(tokens[:, 0] if with_answers else tokens, ts, key=jax.random.fold_in(
-                        jax.random.key(spec.run.seed), 0x5EED), mesh=mesh, rules=rules)
+                    ts = init_routing(tokens[:, 0] if with_answers else tokens, ts,
+                                      key=jax.random.fold_in(jax.random.key(spec.run.seed),
+                                                             0x5EED), mesh=mesh, rules=rules)
                     note("routing centroids initialised by k-means on the first batch")
                 ts, m = step_fn(tokens, ts)
                 loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
