@@ -4,12 +4,8 @@ import argparse
 import json
 import sys
 
-from rtlib.errors import BadArgument
-from rtlib.spec.load import SpecError, load_spec
-
-EXIT_ERROR = 1  # data, run directory or checkpoint problems
-EXIT_USAGE = 2  # an invalid spec or argument
-EXIT_NON_FINITE = 3
+from rtlib.errors import BadArgument, RtlibError
+from rtlib.spec.load import load_spec
 
 
 def _cmd_validate(args) -> int:
@@ -53,7 +49,6 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from rtlib.data.prepare import prepare
-
     from rtlib.data.store import MANIFEST, open_kvstore
 
     before = open_kvstore(args.out).read(MANIFEST).result()
@@ -101,7 +96,6 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from rtlib.data.store import TokenStore
-    from rtlib.errors import BadArgument
     from rtlib.evaluate import evaluate
     from rtlib.train.run_dir import load_run
 
@@ -123,7 +117,6 @@ def _cmd_generate(args) -> int:
     import jax
 
     from rtlib.data.tokenizer import ByteTokenizer
-    from rtlib.errors import BadArgument
     from rtlib.sample import Sampling, generate
     from rtlib.train.run_dir import load_run
 
@@ -293,13 +286,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rtlib.data.sources import SourceError
-    from rtlib.data.store import StoreError
-    from rtlib.parallel import DistributedError, MeshError
-    from rtlib.train.checkpoint import CheckpointError
-    from rtlib.train.loop import NonFiniteLoss
-    from rtlib.train.run_dir import RunError
-
     parser = _parser()
     # Overrides may come after options (`train spec --no-progress a.b=1`), which plain
     # argparse rejects for a positional list: take the leftovers that look like overrides.
@@ -311,19 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except (SpecError, MeshError) as e:
+    except RtlibError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NON_FINITE
-    except (SourceError, StoreError, CheckpointError, RunError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except BadArgument as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-
+        return e.exit_code
 
 if __name__ == "__main__":
     sys.exit(main())

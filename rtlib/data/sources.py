@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from rtlib.corpus import default_corpus_files
+from rtlib.errors import SourceError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_SOURCE = "default"
 
 
-class SourceError(ValueError):
-    """A corpus that cannot be read; the message names the path and the reason."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import numpy as np
 import tensorstore as ts
 
 from rtlib.data.tokenizer import Tokenizer, tokenizer_from_manifest
+from rtlib.errors import StoreError
 
 MANIFEST = "manifest.json"
 FORMAT = "rtlib-token-store"
@@ -22,8 +23,6 @@ ANSWERS = "answers"  # SPLIT.answers.zarr: the answer mask of a synthetic task
 CHUNK = 1 << 20  # tokens per zarr chunk: 1 MiB of bytes, a good unit for local and object stores
 
 
-class StoreError(ValueError):
-    """A token store that is missing, incomplete or unusable; the message says which and why."""
 
 
 def kvstore_url(location: str) -> str:

@@ -6,12 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from rtlib.errors import MeshError
 from rtlib.spec.schema import MESH_AXES, Spec, mesh_problem
-
-
-class MeshError(ValueError):
-    """A mesh that the devices or the spec's array sizes cannot satisfy; the message names the
-    spec keys to change."""
 
 
 def mesh_shape(spec: Spec, device_count: int) -> dict[str, int]:

@@ -9,13 +9,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from rtlib.errors import DistributedError
 from rtlib.spec.schema import DistributedSpec
 
 log = logging.getLogger(__name__)
 
 
-class DistributedError(RuntimeError):
-    """The multi-process job could not start; the message says which setting to fix."""
 
 
 def _env_int(name: str) -> int | None:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from rtlib.errors import SpecError
 from rtlib.spec.schema import Spec
 
 
@@ -44,13 +45,6 @@ def _safe_load_unique(text: str) -> Any:
         loader.dispose()
 
 
-class SpecError(ValueError):
-    """A spec that cannot be used; `problems` holds one line per problem, `str()` all of them."""
-
-    def __init__(self, source: str, problems: Sequence[str]):
-        self.source = source
-        self.problems = list(problems)
-        super().__init__("\n".join(f"{source}: {p}" for p in self.problems))
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:

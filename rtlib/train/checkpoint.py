@@ -16,11 +16,8 @@ import equinox as eqx
 import jax
 import orbax.checkpoint as ocp
 
+from rtlib.errors import CheckpointError
 from rtlib.train.step import TrainState
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored; the message names it and what to do."""
 
 
 class Checkpointer:

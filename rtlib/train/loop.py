@@ -25,6 +25,7 @@ from rtlib import parallel
 from rtlib.build import count_parameters
 from rtlib.data.pipeline import train_dataset, train_iterator
 from rtlib.data.store import StoreError, TokenStore
+from rtlib.errors import NonFiniteLoss, UnsupportedModel
 from rtlib.evaluate import evaluate
 from rtlib.parallel.rules import batch_sharding
 from rtlib.sample import Sampling, generate
@@ -37,8 +38,6 @@ from rtlib.train.step import abstract_state, init_routing, init_sharded, train_s
 LN2 = math.log(2)
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -137,7 +136,7 @@ def train(spec: Spec, *, progress: bool = True, print_fn=print,
     """Train (or resume) `spec.run_dir`. Starts `jax.distributed` first when the spec or the
     environment asks; `devices` (default: all) is what the spec's mesh is laid over."""
     if spec.model.kind != "decoder":
-        raise StoreError("rtlib train optimises the next-token loss, which needs a decoder "
+        raise UnsupportedModel("rtlib train optimises the next-token loss, which needs a decoder "
                          "(model.kind: decoder); an encoder needs a masked-token objective, "
                          "not implemented yet")
     parallel.initialize(spec.distributed)

@@ -11,6 +11,7 @@ import jax
 import yaml
 from jax.sharding import Mesh
 
+from rtlib.errors import RunError
 from rtlib.parallel import single_device_mesh
 from rtlib.spec.load import SpecError, validate_spec
 from rtlib.spec.schema import Spec
@@ -21,8 +22,6 @@ SPEC_FILE = "spec.yaml"
 METRICS_FILE = "metrics.jsonl"
 
 
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked; the message says why and what to do."""
 
 
 def write_spec(run_dir: Path, spec: Spec) -> None:
