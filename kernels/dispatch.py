@@ -9,6 +9,7 @@ every reason.
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -102,24 +103,45 @@ def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """An implementation chosen for one call: what callers pass down instead of re-choosing.
+
+    `name` is a key of the op's backend table: an implementation name, or a variant of one
+    written "name/variant" (e.g. "pallas_tpu/splash": the TPU implementation by splash
+    attention, for the calls it can take). `interpret` runs a Pallas kernel in interpret mode.
+    """
+
+    name: str
+    interpret: bool = False
+
+    @property
+    def implementation(self) -> str:
+        """The user-facing implementation name (the part before any "/variant")."""
+        return self.name.split("/")[0]
+
+
 def choose(
     op: str,
     implementation: str | Sequence[str] | None,
     unsupported: dict[str, Callable[[], str | None]],
 ) -> str:
-    """The first candidate whose `unsupported()` returns no reason.
+    """The first backend whose `unsupported()` returns no reason.
 
-    `unsupported` maps each implementation this op has to a check returning why it cannot
-    take the current arguments (or None when it can); names missing from it have no kernel
-    for this op.
+    `unsupported` maps each backend this op has to a check returning why it cannot take the
+    current arguments (or None when it can). Keys are implementation names or variants
+    "name/variant", tried in the table's order before the plain name when that name is a
+    candidate; names missing from it have no kernel for this op.
     """
     reasons = []
     for name in candidates(implementation):
-        check = unsupported.get(name)
-        reason = f"{op} has no {name} implementation" if check is None else check()
-        if reason is None:
-            for skipped in reasons:
-                _warn_once(f"{op}: skipping {skipped}")
-            return name
-        reasons.append(f"{name}: {reason}")
+        keys = [k for k in unsupported if k.split("/")[0] == name] or [name]
+        for key in keys:
+            check = unsupported.get(key)
+            reason = f"{op} has no {name} implementation" if check is None else check()
+            if reason is None:
+                for skipped in reasons:
+                    _warn_once(f"{op}: skipping {skipped}")
+                return key
+            reasons.append(f"{key}: {reason}")
     raise KernelUnavailable(f"{op}: no requested implementation can run: " + "; ".join(reasons))

@@ -7,8 +7,8 @@ causal assignment are offsets (-1, 0) (or (-1, 0, 1)) over blocks of the window.
 """
 
 from kernels.grouped_attention.call import CallShape
-from kernels.grouped_attention.op import choose_implementation, grouped_attention
-from kernels.grouped_attention.reference import grouped_attention_reference
+from kernels.grouped_attention.op import choose_backend, choose_implementation, grouped_attention
+from kernels.grouped_attention.reference import grouped_attention_reference, masked_attention
 
-__all__ = ["CallShape", "choose_implementation", "grouped_attention",
-           "grouped_attention_reference"]
+__all__ = ["CallShape", "choose_backend", "choose_implementation", "grouped_attention",
+           "grouped_attention_reference", "masked_attention"]

@@ -26,6 +26,9 @@ class CallShape:
     aligned: bool = False
     vdtype: jnp.dtype | None = None  # None: v has q's dtype
     interpret: bool = False
+    # Tokens of the whole sequence when the call is one cluster-sorted sequence (the causal
+    # routing assignment): the splash route needs it; None for every other call.
+    seq_len: int | None = None
 
     @property
     def same_dtypes(self) -> bool:

@@ -11,13 +11,16 @@ outside `0..N-1` contribute nothing). A (query, key) pair is visible when
 
 and with `self_mask` the pair `k_pos == q_pos` gets the constant logit SELF_LOGIT. A query with
 no visible key returns zeros. Softmax statistics are float32; the output has v's dtype.
+
+`masked_attention` below is the dense primitive under this definition and under every XLA
+attention path of rtlib: there is one copy of the masked softmax and its backward.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from kernels.numerics import MASKED_LOGIT, SELF_LOGIT
 
@@ -41,6 +44,80 @@ def neighbour_blocks(x: Array, offsets: tuple[int, ...], fill) -> Array:
     return jnp.concatenate([padded[lo + o : lo + o + n] for o in offsets], axis=1)
 
 
+def masked_attention(
+    q: Float[Array, "*batch q dim"],
+    k: Float[Array, "*batch kv dim"],
+    v: Float[Array, "*batch kv vdim"],
+    mask: Bool[Array, "*#batch #q #kv"],
+    *,
+    scale: float,
+    is_self: Bool[Array, "*#batch #q #kv"] | None = None,
+) -> Float[Array, "*batch q vdim"]:
+    """Softmax attention restricted to `mask`, in float32: the one dense primitive every XLA
+    attention path (this op's reference, rtlib's full heads and decoding caches) reduces to.
+
+    A query row with no visible key returns zeros (not NaN). `is_self` marks the (query, key)
+    pairs whose logit is replaced by `SELF_LOGIT`.
+    """
+    return _masked_attention(q, k, v, mask, is_self, scale)
+
+
+def _logits(q, k, is_self, scale):
+    logits = jnp.einsum("...qd,...kd->...qk", q.astype(jnp.float32), k.astype(jnp.float32))
+    logits = logits * scale
+    return logits if is_self is None else jnp.where(is_self, SELF_LOGIT, logits)
+
+
+def attention_lse(q, k, v, mask, is_self, scale):
+    """(float32 output, log-sum-exp of the visible logits with a trailing 1 axis)."""
+    logits = jnp.where(mask, _logits(q, k, is_self, scale), MASKED_LOGIT)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("...qk,...kd->...qd", weights, v.astype(jnp.float32))
+    denom = jnp.where(denom > 0, denom, 1.0)
+    return out / denom, row_max + jnp.log(denom)
+
+
+def attention_grads(q, k, v, mask, is_self, scale, out, lse, d_out):
+    """(dq, dk, dv) in float32 from the saved output and log-sum-exp (FlashAttention-2's
+    formulas): the weights are recomputed, never stored."""
+    f32 = jnp.float32
+    logits = jnp.where(mask, _logits(q, k, is_self, scale), MASKED_LOGIT)
+    p = jnp.where(mask, jnp.exp(logits - lse), 0.0)
+    d_out = d_out.astype(f32)
+    d_v = jnp.einsum("...qk,...qd->...kd", p, d_out)
+    d_p = jnp.einsum("...qd,...kd->...qk", d_out, v.astype(f32))
+    d_s = p * (d_p - jnp.sum(d_out * out.astype(f32), axis=-1, keepdims=True))
+    if is_self is not None:  # the self logit is a constant: no gradient through it
+        d_s = jnp.where(is_self, 0.0, d_s)
+    d_q = jnp.einsum("...qk,...kd->...qd", d_s, k.astype(f32)) * scale
+    d_k = jnp.einsum("...qk,...qd->...kd", d_s, q.astype(f32)) * scale
+    return d_q, d_k, d_v
+
+
+# The backward pass is written out rather than left to autodiff: autodiff of the normalisation
+# recomputes p @ v inside a slow fused reduction and keeps the [q, kv] weights alive; here only
+# q, k, v, the output and one log-sum-exp per row are saved.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _masked_attention(q, k, v, mask, is_self, scale):
+    return attention_lse(q, k, v, mask, is_self, scale)[0]
+
+
+def _masked_attention_fwd(q, k, v, mask, is_self, scale):
+    out, lse = attention_lse(q, k, v, mask, is_self, scale)
+    return out, (q, k, v, mask, is_self, out, lse)
+
+
+def _masked_attention_bwd(scale, res, d_out):
+    q, k, v, mask, is_self, out, lse = res
+    d_q, d_k, d_v = attention_grads(q, k, v, mask, is_self, scale, out, lse, d_out)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
+
+
 def grouped_attention_reference(
     q: Float[Array, "*batch blocks bq dim"],
     k: Float[Array, "*batch blocks bk dim"],
@@ -56,41 +133,34 @@ def grouped_attention_reference(
     self_mask: bool = False,
     scale: float,
 ) -> Float[Array, "*batch blocks bq vdim"]:
-    """Grouped attention over concatenated key blocks, in float32, differentiated by autodiff."""
+    """Grouped attention over concatenated key blocks in float32 (by `masked_attention`, with
+    its written-out backward): the op's "xla" implementation."""
     if q.ndim > 3:  # leading batch axes: one vmap per axis
         one = functools.partial(grouped_attention_reference, offsets=offsets, causal=causal,
                                 span=span, self_mask=self_mask, scale=scale)
         return jax.vmap(one)(q, k, v, q_pos, k_pos, q_seg, k_seg)
-    out, _ = grouped_attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, offsets=offsets,
-                                   causal=causal, span=span, self_mask=self_mask, scale=scale)
-    return out.astype(v.dtype)
+    kw, vw, mask, is_self = _windows(k, v, q_pos, k_pos, q_seg, k_seg, offsets=offsets,
+                                     causal=causal, span=span, self_mask=self_mask)
+    return masked_attention(q, kw, vw, mask, scale=scale, is_self=is_self).astype(v.dtype)
 
 
-def _windows(k, v, q_pos, k_pos, q_seg, k_seg, *, offsets, causal, span):
-    """Each query block's keys, values and key positions side by side, and its mask."""
+def _windows(k, v, q_pos, k_pos, q_seg, k_seg, *, offsets, causal, span, self_mask):
+    """Each query block's keys and values side by side, its mask and its self pairs."""
     kw, vw = neighbour_blocks(k, offsets, 0), neighbour_blocks(v, offsets, 0)
     kpw, ksw = neighbour_blocks(k_pos, offsets, 0), neighbour_blocks(k_seg, offsets, -1)
     mask = visibility(q_pos[:, :, None], kpw[:, None, :], q_seg[:, :, None], ksw[:, None, :],
                       causal=causal, span=span)
-    return kw, vw, kpw, mask
+    is_self = (kpw[:, None, :] == q_pos[:, :, None]) if self_mask else None
+    return kw, vw, mask, is_self
 
 
 def grouped_attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, *, offsets, causal, span,
                           self_mask, scale):
     """(float32 output, row log-sum-exp) of one [N, B, ...] sequence: what a kernel saves."""
-    kw, vw, kpw, mask = _windows(k, v, q_pos, k_pos, q_seg, k_seg, offsets=offsets,
-                                 causal=causal, span=span)
-    f32 = jnp.float32
-    logits = jnp.einsum("nqd,nkd->nqk", q.astype(f32), kw.astype(f32)) * scale
-    if self_mask:
-        logits = jnp.where(kpw[:, None, :] == q_pos[:, :, None], SELF_LOGIT, logits)
-    logits = jnp.where(mask, logits, MASKED_LOGIT)
-    row_max = jnp.max(logits, -1, keepdims=True)
-    weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
-    denom = jnp.sum(weights, -1, keepdims=True)
-    denom = jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("nqk,nkd->nqd", weights / denom, vw.astype(f32))
-    return out, (row_max + jnp.log(denom))[..., 0]
+    kw, vw, mask, is_self = _windows(k, v, q_pos, k_pos, q_seg, k_seg, offsets=offsets,
+                                     causal=causal, span=span, self_mask=self_mask)
+    out, lse = attention_lse(q, kw, vw, mask, is_self, scale)
+    return out, lse[..., 0]
 
 
 def _unwindow(dw: Array, offsets: tuple[int, ...]) -> Array:
@@ -131,20 +201,8 @@ def grouped_attention_backward(
         one = functools.partial(grouped_attention_backward, offsets=offsets, causal=causal,
                                 span=span, self_mask=self_mask, scale=scale)
         return jax.vmap(one)(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out)
-    f32 = jnp.float32
-    kw, vw, kpw, mask = _windows(k, v, q_pos, k_pos, q_seg, k_seg, offsets=offsets,
-                                 causal=causal, span=span)
-    qpc = q_pos[:, :, None]
-    qf, kf, vf, do = q.astype(f32), kw.astype(f32), vw.astype(f32), d_out.astype(f32)
-    logits = jnp.einsum("nqd,nkd->nqk", qf, kf) * scale
-    if self_mask:
-        logits = jnp.where(kpw[:, None, :] == qpc, SELF_LOGIT, logits)
-    p = jnp.where(mask, jnp.exp(jnp.where(mask, logits, MASKED_LOGIT) - lse[..., None]), 0.0)
-    delta = jnp.sum(do * out.astype(f32), -1, keepdims=True)
-    d_s = p * (jnp.einsum("nqd,nkd->nqk", do, vf) - delta)
-    if self_mask:  # the self logit is a constant: no gradient through it
-        d_s = jnp.where(kpw[:, None, :] == qpc, 0.0, d_s)
-    dq = jnp.einsum("nqk,nkd->nqd", d_s, kf) * scale
-    dk = _unwindow(jnp.einsum("nqk,nqd->nkd", d_s, qf) * scale, offsets)
-    dv = _unwindow(jnp.einsum("nqk,nqd->nkd", p, do), offsets)
+    kw, vw, mask, is_self = _windows(k, v, q_pos, k_pos, q_seg, k_seg, offsets=offsets,
+                                     causal=causal, span=span, self_mask=self_mask)
+    dq, dkw, dvw = attention_grads(q, kw, vw, mask, is_self, scale, out, lse[..., None], d_out)
+    dk, dv = _unwindow(dkw, offsets), _unwindow(dvw, offsets)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

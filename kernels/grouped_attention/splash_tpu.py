@@ -5,6 +5,10 @@ segment ids: query i sees the sorted keys i - (W - 1) .. i (.. i + W - 1 when no
 its own cluster. Splash attention takes exactly that as a static `LocalMask` plus dynamic
 `SegmentIds`, skipping the blocks the local mask rules out, with its own backward kernels.
 It cannot express the self-mask logit, and its blocks must divide the sequence.
+
+
+It is the "pallas_tpu/splash" variant in the dispatch table of that call (tried before the
+grouped kernel when "pallas_tpu" is a candidate).
 """
 
 import functools
@@ -14,14 +18,22 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
+from kernels.dispatch import wrong_platform
+from kernels.grouped_attention.call import CallShape
+
 BLOCK = 128
+NAME = "pallas_tpu/splash"
 
 
-def unsupported(n: int, *, self_mask: bool) -> str | None:
-    if self_mask:
+def unsupported(call: CallShape) -> str | None:
+    if reason := wrong_platform("tpu", call.interpret):
+        return reason
+    if call.seq_len is None:
+        return "splash serves only the cluster-sorted causal routing assignment"
+    if call.self_mask:
         return "splash attention cannot give a token's own key the self-mask logit"
-    if n % BLOCK:
-        return f"splash blocks of {BLOCK} must divide the sequence length {n}"
+    if call.seq_len % BLOCK:
+        return f"splash blocks of {BLOCK} must divide the sequence length {call.seq_len}"
     return None
 
 

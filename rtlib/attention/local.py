@@ -2,12 +2,12 @@
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from kernels.grouped_attention import CallShape, choose_implementation, grouped_attention
-from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all, zero_padding
+from kernels.dispatch import Backend
+from kernels.grouped_attention import CallShape, choose_backend, grouped_attention
+from rtlib.attention.core import masked_attention, valid_or_all, zero_padding
 
 
 def local_attention(
@@ -51,31 +51,15 @@ def local_attention(
     call = CallShape(block_q=window, block_k=window, dim=dim, vdim=v.shape[-1],
                      dtype=jnp.dtype(q.dtype), offsets=offsets, span=None, self_mask=False,
                      vdtype=jnp.dtype(v.dtype), interpret=interpret)
-    name = choose_implementation(call, implementation)
-    if name != "xla":
-        out = _local_kernel(q, k, v, k_valid, window=window, offsets=offsets, causal=causal,
-                            scale=scale, implementation=name, interpret=interpret)
-        return jnp.where(q_valid[:, :, None, None], out, 0).astype(v.dtype)
-
-    def one(qh, kh, vh, kv_ok):
-        def visible(qi, ki):
-            ok = kv_ok[ki]
-            return ok & (ki <= qi) if causal else ok
-
-        return blocked_attention(
-            qh, kh, vh, block=window, look_back=look_back, look_ahead=look_ahead,
-            visible=visible, scale=scale,
-        )
-
-    per_head = jax.vmap(one, in_axes=(1, 1, 1, None), out_axes=1)
-    out = jax.vmap(per_head)(q, k, v, k_valid)
+    backend = choose_backend(call, implementation)
+    out = _local_grouped(q, k, v, k_valid, window=window, offsets=offsets, causal=causal,
+                         scale=scale, backend=backend)
     return jnp.where(q_valid[:, :, None, None], out, 0).astype(v.dtype)
 
 
-def _local_kernel(q, k, v, k_valid, *, window, offsets, causal, scale, implementation,
-                  interpret):
+def _local_grouped(q, k, v, k_valid, *, window, offsets, causal, scale, backend: Backend):
     """Local attention as grouped attention over blocks of `window` tokens (no key copies:
-    the kernels read neighbouring blocks in place)."""
+    the kernels read neighbouring blocks in place); padded keys are segment -1."""
     batch, n, heads, _ = q.shape
     nb = -(-n // window)
     pad = nb * window - n
@@ -90,7 +74,7 @@ def _local_kernel(q, k, v, k_valid, *, window, offsets, causal, scale, implement
     k_seg = jnp.broadcast_to(jnp.where(ok, 0, -1), pos.shape).astype(jnp.int32)
     out = grouped_attention(
         blocks(q), blocks(k), blocks(v), pos, pos, jnp.zeros_like(pos), k_seg, offsets=offsets,
-        causal=causal, scale=scale, implementation=implementation, interpret=interpret,
+        causal=causal, scale=scale, implementation=backend,
     )
     return out.transpose(0, 2, 3, 1, 4).reshape(batch, nb * window, heads, -1)[:, :n]
 

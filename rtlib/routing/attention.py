@@ -1,20 +1,14 @@
 """Routing attention (ALGORITHM.md section 2): attention only among tokens routed together."""
 
-import logging
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels.dispatch import choose
-from kernels.grouped_attention import (
-    CallShape,
-    choose_implementation,
-    grouped_attention,
-    splash_tpu,
-)
-from rtlib.attention.core import blocked_attention, masked_attention, valid_or_all, zero_padding
+from kernels.dispatch import Backend, choose
+from kernels.grouped_attention import CallShape, choose_backend, grouped_attention, splash_tpu
+from rtlib.attention.core import masked_attention, valid_or_all, zero_padding
 from rtlib.routing.assign import (
     Assignment,
     LogitScale,
@@ -22,13 +16,14 @@ from rtlib.routing.assign import (
     balanced_members,
     logit_scale_value,
     nearest_cluster,
+    resolve_masks,
     resolve_shared_qk,
     route_scores,
 )
 from rtlib.routing.stats import RoutingStats, assignment_statistics
 
 ASSIGNMENTS = ("balanced", "causal")
-log = logging.getLogger("rtlib.kernels")
+XLA = Backend("xla")
 
 
 def routing_attention(
@@ -42,6 +37,7 @@ def routing_attention(
     causal: bool = True,
     norm: Norm = "layernorm",
     logit_scale: LogitScale = "rsqrt_dim",
+    mask: Bool[Array, "batch seq"] | None = None,
     q_mask: Bool[Array, "batch seq"] | None = None,
     kv_mask: Bool[Array, "batch seq"] | None = None,
     shared_qk: bool | None = None,
@@ -59,12 +55,16 @@ def routing_attention(
       (with `causal=False`: the same-cluster tokens within W ranks on either side).
     - q and k are normalised (`norm`) for both routing and the attention logits, which are
       scaled by 1/sqrt(dim) (`logit_scale="rsqrt_dim"`) or not at all (`"none"`, paper code).
-    - Causal masking is by original token position. Shared QK (`k=None`, or `k is q`, or
-      `shared_qk=True`) uses the normalised queries as keys (any other `k` is ignored);
-      `self_mask` then gives a token's own key a -5e4 logit. Under `jax.jit`, `q` and `k` passed
-      as two arguments are two tracers, so say `k=None` or `shared_qk=True` there.
-    - Padded queries (`q_mask` False) output zeros and padded tokens are excluded from the
-      statistics; padded keys (`kv_mask` False) are never attended to.
+    - Causal masking is by original token position. Shared QK (`k=None` or `shared_qk=True`)
+      uses the normalised queries as keys (any other `k` is ignored); `self_mask` then gives a
+      token's own key a -5e4 logit.
+    - Padding: `mask` is one padding mask for queries and keys (with shared QK they are then
+      one routed set, clustered once: the fast path); `q_mask` / `kv_mask` give them separate
+      masks. Padded queries output zeros and padded tokens are excluded from the statistics;
+      padded keys are never attended to.
+    - For code written before these arguments were explicit, `k is q` still means shared QK
+      and `kv_mask is q_mask` one mask; under `jax.jit` two arguments are two tracers, so say
+      `k=None` / `mask=` there.
     - `stats` (`RoutingStats`, summed over the batch) feeds `kmeans_update` and the commitment loss.
 
     - `implementation` (None, "xla", "pallas_tpu", "pallas_gpu", "cudnn", or a preference
@@ -78,6 +78,7 @@ def routing_attention(
     if window < 1:
         raise ValueError(f"routing_attention: window must be >= 1, got {window}")
     k, shared_qk = resolve_shared_qk(q, k, shared_qk)
+    q_mask, kv_mask, one_mask = resolve_masks(mask, q_mask, kv_mask)
     window = min(window, n)
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"unknown assignment {assignment!r}; expected one of {ASSIGNMENTS}")
@@ -94,19 +95,18 @@ def routing_attention(
     if shared_qk:
         k = q
     # With shared QK and one mask, queries and keys are the same routed set: cluster once.
-    same_routing = shared_qk and (kv_mask is q_mask)
-    impl = _implementation(
-        implementation, assignment=assignment, same_routing=same_routing, window=window,
+    same_routing = shared_qk and one_mask
+    backend = _backend(
+        implementation, assignment=assignment, same_routing=same_routing, n=n, window=window,
         dim=dim, vdim=v.shape[-1], dtype=jnp.dtype(v.dtype), causal=causal, self_mask=self_mask,
-        all_valid=kv_mask is None, interpret=interpret)
-    kernel = None if impl == "xla" else dict(implementation=impl, interpret=interpret,
-                                             aligned=same_routing and kv_mask is None)
+        aligned=same_routing and kv_mask is None, interpret=interpret)
 
     def head(qh, kh, vh, mu, qv, kv):
         q_hat, k_hat, s_q, s_k = route_scores(qh, kh, mu, norm=norm, shared_qk=shared_qk)
         args = (q_hat, k_hat, vh, s_q, s_k, qv, kv)
         kw = dict(window=window, causal=causal, scale=scale, self_mask=self_mask,
-                  same_routing=same_routing, kernel=kernel)
+                  same_routing=same_routing, backend=backend,
+                  aligned=same_routing and kv_mask is None)
         if assignment == "balanced":
             out, covered = _balanced(*args, **kw)
         else:
@@ -132,47 +132,48 @@ def routing_attention(
     return out.astype(v.dtype), stats
 
 
-def _implementation(implementation, *, assignment, same_routing, window, dim, vdim, dtype,
-                    causal, self_mask, all_valid, interpret) -> str:
-    """Who attends inside the clusters: "xla" (the code below) or a kernel of the
-    grouped-attention op (kernels/grouped_attention)."""
+def _backend(implementation, *, assignment, same_routing, n, window, dim, vdim, dtype, causal,
+             self_mask, aligned, interpret) -> Backend:
+    """Who attends inside the clusters, chosen once per call: a backend of the
+    grouped-attention op (kernels/grouped_attention; "xla" is its jnp reference), or splash
+    attention for the cluster-sorted causal assignment on TPU."""
     if assignment == "causal" and not same_routing:
         why = ("the causal assignment with unshared QK (or different q/kv masks) gives every "
                "query its own key window; only the XLA path implements it")
-        return choose("routing_attention", implementation,
-                      {"xla": lambda: None, "pallas_tpu": lambda: why,
-                       "pallas_gpu": lambda: why, "cudnn": lambda: why})
+        return Backend(choose("routing_attention", implementation,
+                              {"xla": lambda: None, "pallas_tpu": lambda: why,
+                               "pallas_gpu": lambda: why, "cudnn": lambda: why}), interpret)
     if assignment == "balanced":
         call = CallShape(block_q=window, block_k=window, dim=dim, vdim=vdim, dtype=dtype,
-                         offsets=(0,), span=None, self_mask=self_mask,
-                         aligned=same_routing and all_valid, interpret=interpret)
-    else:
-        call = CallShape(block_q=window, block_k=window, dim=dim, vdim=vdim, dtype=dtype,
-                         offsets=(-1, 0) if causal else (-1, 0, 1), span=window,
-                         self_mask=self_mask, interpret=interpret)
-    return choose_implementation(call, implementation)
+                         offsets=(0,), span=None, self_mask=self_mask, aligned=aligned,
+                         interpret=interpret)
+        return choose_backend(call, implementation)
+    call = CallShape(block_q=window, block_k=window, dim=dim, vdim=vdim, dtype=dtype,
+                     offsets=(-1, 0) if causal else (-1, 0, 1), span=window,
+                     self_mask=self_mask, interpret=interpret, seq_len=n)
+    return choose_backend(call, implementation,
+                          {splash_tpu.NAME: lambda: splash_tpu.unsupported(call)})
+
+
+def _operands(backend: Backend, v: Array):
+    """The dtype q and k enter the attention in: kernels take them in v's dtype; the XLA
+    reference computes in float32 anyway, so it keeps the normalised float32 values."""
+    return jnp.float32 if backend.name == "xla" else v.dtype
 
 
 def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
-              same_routing, kernel):
-    """Gather each cluster's W queries and W keys, attend inside it, scatter-mean back."""
+              same_routing, backend, aligned):
+    """Gather each cluster's W queries and W keys ([K, W, D], vmapped to [B, H, K, W, D]),
+    attend inside each by the grouped-attention op, scatter-mean back."""
     n = q_hat.shape[0]
     qi = balanced_members(s_q, q_valid, window)  # [K, W] positions
     ki = qi if same_routing else balanced_members(s_k, k_valid, window)
-    if kernel is None:
-        mask = k_valid[ki][:, None, :]
-        if causal:
-            mask = mask & (ki[:, None, :] <= qi[:, :, None])
-        is_self = (ki[:, None, :] == qi[:, :, None]) if self_mask else None
-        out_c = masked_attention(q_hat[qi], k_hat[ki], v[ki], mask, scale=scale,
-                                 is_self=is_self)
-    else:  # the gathered clusters [K, W, D] (vmapped to [B, H, K, W, D]) with positions
-        k_seg = jnp.where(k_valid[ki], 0, -1)
-        out_c = grouped_attention(
-            q_hat[qi].astype(v.dtype), k_hat[ki].astype(v.dtype), v[ki], qi, ki,
-            jnp.zeros_like(qi), k_seg, causal=causal, self_mask=self_mask, scale=scale,
-            **kernel,
-        ).astype(jnp.float32)
+    k_seg = jnp.where(k_valid[ki], 0, -1)
+    dt = _operands(backend, v)
+    out_c = grouped_attention(
+        q_hat[qi].astype(dt), k_hat[ki].astype(dt), v[ki], qi, ki, jnp.zeros_like(qi), k_seg,
+        causal=causal, self_mask=self_mask, scale=scale, aligned=aligned, implementation=backend,
+    ).astype(jnp.float32)
     flat = qi.reshape(-1)
     total = jnp.zeros((n, v.shape[-1]), jnp.float32).at[flat].add(out_c.reshape(flat.size, -1))
     hits = jnp.zeros((n,), jnp.float32).at[flat].add(1.0)
@@ -180,25 +181,22 @@ def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, sc
 
 
 def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
-            same_routing, kernel):
+            same_routing, backend, aligned):
     """Nearest-centroid assignment; local attention of width W in (cluster, position) order."""
     n, num_clusters = s_q.shape
     pos = jnp.arange(n, dtype=jnp.int32)
     q_cluster = nearest_cluster(s_q, q_valid)
-    if same_routing and kernel is not None and kernel["implementation"] == "pallas_tpu":
-        reason = splash_tpu.unsupported(n, self_mask=self_mask)
-        if reason is None:
-            # Sorted by (cluster, position): padded tokens (cluster K) sort last, among themselves.
-            order = jnp.argsort(q_cluster * n + pos, stable=True)
-            out = splash_tpu.sorted_local_attention(
-                q_hat[order].astype(v.dtype), v[order], q_cluster[order], window=window,
-                causal=causal, scale=scale, interpret=kernel["interpret"])
-            return jnp.zeros_like(out).at[order].set(out), q_valid
-        log.info("routing_attention: pallas_tpu runs the grouped kernel (%s)", reason)
+    if backend.name == splash_tpu.NAME:
+        # Sorted by (cluster, position): padded tokens (cluster K) sort last, among themselves.
+        order = jnp.argsort(q_cluster * n + pos, stable=True)
+        out = splash_tpu.sorted_local_attention(
+            q_hat[order].astype(v.dtype), v[order], q_cluster[order], window=window,
+            causal=causal, scale=scale, interpret=backend.interpret)
+        return jnp.zeros_like(out).at[order].set(out), q_valid
     if same_routing:
         return _causal_aligned(q_hat, v, q_cluster, window=window, causal=causal, scale=scale,
                                self_mask=self_mask, num_clusters=num_clusters,
-                               kernel=kernel), q_valid
+                               backend=backend), q_valid
     k_cluster = nearest_cluster(s_k, k_valid)
     # Keys in (cluster, position) order; for each query, `last` is the sorted index of the last
     # key of its cluster at a position <= its own, so its window is a contiguous sorted range.
@@ -230,7 +228,7 @@ def _causal_aligned(
     scale: float,
     self_mask: bool,
     num_clusters: int,
-    kernel: dict | None = None,
+    backend: Backend = XLA,
 ) -> Float[Array, "seq vdim"]:
     """Shared-QK fast path: blocked attention over a cluster-aligned layout, O(n W d).
 
@@ -257,37 +255,23 @@ def _causal_aligned(
         return jnp.full((length, *x.shape[1:]), fill, x.dtype).at[slot].set(x, mode="drop")
 
     seg = place(cluster, num_clusters)
-    if kernel is not None:  # cluster-sorted blocks; segment ids keep clusters apart
-        out_l = _aligned_kernel(place(x_hat, 0), place(v, 0), seg, window=window, causal=causal,
-                                scale=scale, self_mask=self_mask, num_clusters=num_clusters,
-                                kernel=kernel)
-        return jnp.where(valid[:, None], out_l[jnp.minimum(slot, length - 1)], 0.0)
-
-    def visible(qi, ki):
-        ok = (seg[qi] == seg[ki]) & (seg[ki] < num_clusters)
-        if causal:  # slot order within a cluster is position order
-            return ok & (ki <= qi) & (qi - ki < window)
-        return ok & (jnp.abs(qi - ki) < window)
-
-    x_l = place(x_hat, 0)
-    out_l = blocked_attention(
-        x_l, x_l, place(v, 0), block=window, look_back=1, look_ahead=0 if causal else 1,
-        visible=visible, scale=scale, is_self=(lambda qi, ki: qi == ki) if self_mask else None,
-    )
+    out_l = _aligned_grouped(place(x_hat, 0), place(v, 0), seg, window=window, causal=causal,
+                             scale=scale, self_mask=self_mask, num_clusters=num_clusters,
+                             backend=backend)
     return jnp.where(valid[:, None], out_l[jnp.minimum(slot, length - 1)], 0.0)
 
 
-def _aligned_kernel(x_l, v_l, seg, *, window, causal, scale, self_mask, num_clusters, kernel):
+def _aligned_grouped(x_l, v_l, seg, *, window, causal, scale, self_mask, num_clusters,
+                     backend):
     """`_causal_aligned`'s attention as grouped attention: blocks of W slots, each seeing its
     own and the previous block (and the next when not causal), same segment, within W slots."""
     nb = x_l.shape[0] // window
     pos = jnp.arange(nb * window, dtype=jnp.int32).reshape(nb, window)
     seg = seg.reshape(nb, window)
-    x_b = x_l.reshape(nb, window, -1).astype(v_l.dtype)
+    x_b = x_l.reshape(nb, window, -1).astype(_operands(backend, v_l))
     out = grouped_attention(
         x_b, x_b, v_l.reshape(nb, window, -1), pos, pos, seg,
         jnp.where(seg < num_clusters, seg, -1), offsets=(-1, 0) if causal else (-1, 0, 1),
-        causal=causal, span=window, self_mask=self_mask, scale=scale,
-        implementation=kernel["implementation"], interpret=kernel["interpret"],
+        causal=causal, span=window, self_mask=self_mask, scale=scale, implementation=backend,
     )
     return out.reshape(nb * window, -1).astype(jnp.float32)
