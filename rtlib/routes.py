@@ -153,8 +153,10 @@ def head_routes(
 
 @eqx.filter_jit
 def _layer_routes(attn: MixedAttention, centroids, x, queries):
-    cfg = attn.routing
-    _, _, qr, kr, _ = attn._project(x)  # the layer's own projections (rotary included)
+    heads = attn.routing
+    cfg = heads.config
+    # The layer's own projections (rotary included).
+    qr, kr, _ = attn.project(x)[attn.kinds.index(heads)]
     n = x.shape[1]
 
     def one(q, k, mu):
@@ -162,8 +164,8 @@ def _layer_routes(attn: MixedAttention, centroids, x, queries):
         nearest = nearest_cluster(s_q, jnp.ones((n,), bool))
         return nearest, *head_routes(
             q_hat, k_hat, s_q, s_k, queries, window=min(cfg.window, n),
-            assignment=cfg.assignment, causal=attn.causal,
-            scale=logit_scale_value(cfg.logit_scale, attn.head_dim), self_mask=cfg.self_mask)
+            assignment=cfg.assignment, causal=heads.causal,
+            scale=logit_scale_value(cfg.logit_scale, heads.head_dim), self_mask=cfg.self_mask)
 
     return jax.vmap(one, in_axes=(1, 1, 0))(qr[0], kr[0], centroids)
 
@@ -178,9 +180,10 @@ def trace_routes(
     of the positions `queries`."""
     routes = []
     for layer in layer_inputs(model, state, tokens)[0]:
-        attn, cfg = layer.attn, layer.attn.routing
-        if not attn.counts.routing:
+        attn = layer.attn
+        if attn.routing is None:
             continue
+        cfg = attn.routing.config
         out = [np.asarray(t) for t in _layer_routes(attn, layer.centroids, layer.x, queries)]
         for h in range(attn.counts.routing):
             nearest, members, key_members, weights, visible = (t[h] for t in out)

@@ -18,6 +18,9 @@ from rtlib.routing import RoutingState
 
 @dataclass(frozen=True)
 class Sampling:
+    """How the next token is drawn: `temperature` (0: greedy), then optional top-k and top-p
+    (nucleus) truncation; `check` validates it against a vocabulary."""
+
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -90,7 +93,7 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
     recomputes the whole sequence. A model with learned positions that would go past seq_len
     always recomputes, over a sliding window of the last seq_len tokens.
     For causal routing and local heads both give the same logits (to float rounding); balanced
-    routing is approximated by the cache (see `rtlib.nn.cache.balanced_decode`).
+    routing is approximated by the cache (see `rtlib.nn.heads.routing_cache.BalancedCache.attend`).
     `capacity` (default: prompt + new tokens) sizes the full-head and balanced buffers and the
     recomputed sequence; a larger value only costs memory and time.
     """

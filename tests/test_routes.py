@@ -87,7 +87,7 @@ def test_writes_html_png_json_and_a_line_per_head(text, shown):
 
 def test_json_and_attention_rows_are_the_models(run, text, shown):
     """Attention rows times the values give each routing head's output as the layer itself
-    computes it (`MixedAttention._attend`), memberships agree with the dense reference, the
+    computes it (`MixedAttention.attend`), memberships agree with the dense reference, the
     manual walk gives the model's logits, and routes.json holds the same numbers."""
     spec, ts, _ = load_run(run)
     tokens = jnp.asarray(ByteTokenizer().encode(TEXT)[:N])
@@ -99,14 +99,18 @@ def test_json_and_attention_rows_are_the_models(run, text, shown):
     routes = trace_routes(ts.model, ts.routing, tokens, jnp.arange(N, dtype=jnp.int32))
     assert [(r.layer, r.head) for r in routes] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     cfg = spec.model.group("routing")
-    attend = eqx.filter_jit(lambda attn, *args: attn._attend(*args)[0])
+    attend = eqx.filter_jit(lambda attn, *args: attn.attend(*args)[0])
     for layer in layers:
         attn = layer.attn
-        ql, kl, qr, kr, v = attn._project(layer.x)
+        inputs = attn.project(layer.x)
+        routing = attn.kinds.index(attn.routing)
+        qr, kr, _ = inputs[routing]
+        v = jnp.concatenate([vk for _, _, vk in inputs], axis=2)
         first = attn.counts.local + attn.counts.full
         # Only the routing heads' values: the output projection then carries only their part.
-        v_routing = v.at[:, :, :first].set(0.0)
-        want = attend(attn, ql, kl, qr, kr, v_routing, layer.centroids, None)
+        zeroed = tuple(t if i == routing else (t[0], t[1], jnp.zeros_like(t[2]))
+                       for i, t in enumerate(inputs))
+        want = attend(attn, zeroed, layer.centroids, None)
         mine = [r for r in routes if r.layer == layer.layer]
         heads = jnp.stack([jnp.asarray(r.weights) @ v[0, :, r.slot] for r in mine], axis=1)
         y = jnp.concatenate([jnp.zeros((N, first, v.shape[-1]), v.dtype), heads], axis=1)

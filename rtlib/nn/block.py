@@ -4,8 +4,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from rtlib.nn.attention import MixedAttention
-from rtlib.nn.cache import AttentionCache
+from rtlib.nn.attention import LayerCache, MixedAttention
 from rtlib.nn.layers import LayerNorm, Linear, dropout
 from rtlib.routing import RoutingStats
 from rtlib.spec.schema import HeadCounts, ModelSpec
@@ -78,13 +77,13 @@ class Block(eqx.Module):
 
     def prefill(self, x: Float[Array, "batch seq dmodel"],
                 centroids: Float[Array, "rheads clusters hdim"] | None, *,
-                capacity: int) -> tuple[Float[Array, "batch seq dmodel"], AttentionCache]:
+                capacity: int) -> tuple[Float[Array, "batch seq dmodel"], LayerCache]:
         """Inference over a prompt, returning the attention's decoding cache."""
         return self._residual(x, lambda h: self.attn.prefill(h, centroids, capacity=capacity))
 
     def decode(self, x: Float[Array, "batch 1 dmodel"],
-               centroids: Float[Array, "rheads clusters hdim"] | None, cache: AttentionCache,
-               pos: Int[Array, ""]) -> tuple[Float[Array, "batch 1 dmodel"], AttentionCache]:
+               centroids: Float[Array, "rheads clusters hdim"] | None, cache: LayerCache,
+               pos: Int[Array, ""]) -> tuple[Float[Array, "batch 1 dmodel"], LayerCache]:
         """One new token, reading and extending the cache."""
         return self._residual(x, lambda h: self.attn.decode(h, centroids, cache, pos))
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from rtlib.nn.attention import LayerCache
 from rtlib.nn.block import Block
-from rtlib.nn.cache import AttentionCache
 from rtlib.nn.layers import Embedding, LayerNorm, Linear, dropout
 from rtlib.routing import KMeansState, RoutingState, RoutingStats, update_routing_state
 
@@ -65,7 +65,7 @@ class RoutingTransformer(eqx.Module):
 
     def update_state(self, state: RoutingState, stats: Stats) -> RoutingState:
         """One EMA step of every routing layer from globally summed statistics."""
-        return update_routing_state(state, stats, decay=self.ema_decay, eps=self.epsilon)
+        return update_routing_state(state, stats, decay=self.ema_decay, epsilon=self.epsilon)
 
     def init_routing(
         self,
@@ -128,7 +128,7 @@ class RoutingTransformer(eqx.Module):
         if self.positions is not None:  # a learned table would silently clamp
             pos = eqx.error_if(pos, pos >= self.seq_len, "decode: position beyond seq_len, "
                                "where the learned position embeddings end")
-        if any(c.full_k is not None or c.bal_k is not None for c in cache.stages):
+        if any(c.holds_every_token for layer in cache.stages for c in layer):
             pos = eqx.error_if(pos, pos >= cache.capacity, "decode: the cache is full "
                                "(prefill with a larger capacity)")
         h = self._embed(token[:, None], pos)
@@ -193,10 +193,10 @@ class RoutingTransformer(eqx.Module):
 
 
 class DecodeCache(eqx.Module):
-    """Decoding state of a whole model: per stage, the layer-stacked `AttentionCache`s, and the
+    """Decoding state of a whole model: per stage, the layer-stacked caches of each head kind (`rtlib.nn.heads`), and the
     position of the next token. Its size does not depend on how many tokens were generated."""
 
-    stages: tuple[AttentionCache, ...]
+    stages: tuple[LayerCache, ...]
     pos: Int[Array, ""]
     capacity: int = eqx.field(static=True)  # tokens the full / balanced buffers can hold
 
