@@ -1,22 +1,9 @@
 """`rtlib plot`: training and validation curves of a run, from its metrics.jsonl, as a PNG."""
 
-import json
 from pathlib import Path
 
-from rtlib.train.run_dir import METRICS_FILE, RunError
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no {METRICS_FILE} (has this run taken a step yet?)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line cut short by a killed process
-            continue
-    return records
+# Re-exported: callers of rtlib.plot.read_metrics get the one tolerant reader of the format.
+from rtlib.train.metrics_log import read_metrics
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

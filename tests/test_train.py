@@ -1,6 +1,6 @@
 """`rtlib train / eval / generate / plot` on a tiny model: learning, exact resume (also after a
 crash mid-save), micro-batching, non-finite losses, incompatible specs, damaged checkpoints,
-signals, and bad arguments."""
+signals, and bad arguments; the metrics log's tolerance and the checkpoint policy alone."""
 
 import json
 import math
@@ -302,3 +302,45 @@ def test_adafactor_cosine_and_bfloat16_compute_train(text_store, tmp_path):
     _, ts, _ = load_run(tmp_path / "ada")
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(eqx.filter(
         ts.model, eqx.is_inexact_array)))
+
+
+def test_the_metrics_log_drops_torn_lines_and_resumes_each_step_once(tmp_path):
+    from rtlib.errors import RunError
+    from rtlib.plot import read_metrics as plot_reader
+    from rtlib.train.metrics_log import METRICS_FILE, MetricsLog, read_metrics
+
+    assert plot_reader is read_metrics
+    with pytest.raises(RunError, match="no metrics.jsonl"):
+        read_metrics(tmp_path)
+    path = tmp_path / METRICS_FILE
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n\n[1, 2]\n{"loss": 1.5}\n"text"\n'
+                     b'{"step": 2, "split": "valid"}\n{"step": 3, "loss": 1.0}\n'
+                     b'{"step": 4, "lo\xff')  # a kill mid-line; the reader must not fail on it
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0},
+                                      {"step": 2, "split": "valid"}, {"step": 3, "loss": 1.0}]
+    log = MetricsLog(path, resume_step=2)  # resumed from the step-2 checkpoint
+    log.write({"step": 3, "loss": 0.5})
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert read_metrics(tmp_path)[-1]["loss"] == 0.5
+
+
+def test_the_checkpoint_policy_saves_on_steps_on_the_clock_at_the_end_and_on_signals():
+    from rtlib.spec.schema import RunSpec
+    from rtlib.train.checkpoint_policy import CheckpointPolicy
+
+    now, saved, handler = [0.0], [], signal.getsignal(signal.SIGTERM)
+    policy = CheckpointPolicy(RunSpec(checkpoint_every=3, checkpoint_minutes=1.0), step=1,
+                              clock=lambda: now[0])
+    with policy:
+        for step in range(2, 9):
+            now[0] += 10.0 if step != 8 else 55.0  # 65 s after the step-6 save at step 8
+            assert not policy.after_step(step, lambda s=step: saved.append(s))
+        assert saved == [3, 6, 8]
+        os.kill(os.getpid(), signal.SIGTERM)  # caught: a flag, not the end of the process
+        assert policy.after_step(10, lambda: saved.append(10))  # neither a multiple nor due
+        assert policy.stopped_by == "SIGTERM"
+    assert saved == [3, 6, 8] and signal.getsignal(signal.SIGTERM) is handler  # given back
+    policy.finish(10, lambda: saved.append(10))  # the stopped run's state
+    policy.finish(10, lambda: saved.append(10))  # already saved: nothing more
+    assert saved == [3, 6, 8, 10]

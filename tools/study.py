@@ -23,7 +23,6 @@ scored by the full pass and by a strictly causal pass.
 import argparse
 import copy
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -195,8 +194,8 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
     """Train one arm (or reuse a finished run), score its test split, audit balanced routing."""
     from rtlib.costs import estimate_costs
     from rtlib.data.store import TokenStore
-    from rtlib.plot import read_metrics
     from rtlib.spec.load import load_spec
+    from rtlib.train.metrics_log import read_metrics
 
     run_dir = out / "runs" / f"{name}-{arm}-s{seed}"
     path = spec_path(name, arm)

@@ -17,10 +17,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from rtlib.errors import CheckpointError
+from rtlib.parallel.rules import is_array_leaf
 from rtlib.train.step import TrainState
 
 
 class Checkpointer:
+    """The checkpoints of one run directory: save, list, read and restore them; orbax prunes
+    all but the newest `keep`. Close it when done (orbax holds threads and files)."""
+
     def __init__(self, run_dir: str | Path, *, keep: int = 3):
         self.directory = Path(run_dir).resolve() / "checkpoints"
         self.manager = ocp.CheckpointManager(
@@ -57,8 +61,7 @@ class Checkpointer:
         initialised state of the same spec or an `abstract_state` (shapes and shardings):
         arrays come back in `like`'s shardings, whatever mesh saved them."""
         meta = self.read_meta(step)
-        arrays, static = eqx.partition(
-            like, lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct)))
+        arrays, static = eqx.partition(like, is_array_leaf)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(arrays)))["state"]

@@ -52,6 +52,8 @@ def schedule_key(train: TrainSpec) -> dict:
 
 
 def make_optimizer(train: TrainSpec) -> optax.GradientTransformation:
+    """AdamW or Adafactor on `learning_rate(train)`, decaying matrices only (`decay_mask`),
+    after global-norm clipping when `train.clip_norm` is set."""
     schedule = learning_rate(train)
     if train.optimizer == "adamw":
         core = optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,

@@ -16,10 +16,10 @@ from rtlib.parallel import single_device_mesh
 from rtlib.spec.load import SpecError, validate_spec
 from rtlib.spec.schema import Spec
 from rtlib.train.checkpoint import Checkpointer
+from rtlib.train.metrics_log import METRICS_FILE  # noqa: F401  (its format's module owns it)
 from rtlib.train.step import TrainState, abstract_state, init_train_state
 
 SPEC_FILE = "spec.yaml"
-METRICS_FILE = "metrics.jsonl"
 
 
 

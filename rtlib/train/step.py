@@ -20,22 +20,21 @@ from rtlib.build import build
 from rtlib.nn.model import RoutingTransformer, Stats
 from rtlib.objectives import next_token_loss
 from rtlib.parallel import activate, constrain, constrain_as, state_shardings
-from rtlib.parallel.rules import rules_key
+from rtlib.parallel.rules import is_array_leaf, rules_key
 from rtlib.routing import RoutingState
 from rtlib.spec.schema import AxisRules, Spec, TrainSpec
 from rtlib.train.optim import make_optimizer, schedule_key
 
 
 class TrainState(eqx.Module):
+    """Everything training changes, and so everything a checkpoint must hold for an exact
+    resume: model, routing state, optimiser state, step counter and RNG key."""
+
     model: RoutingTransformer
     routing: RoutingState
     opt_state: optax.OptState
     step: Int[Array, ""]
     key: UInt32[Array, "2"]  # raw key data: checkpoints hold plain arrays
-
-
-def _is_abstract(x) -> bool:
-    return isinstance(x, jax.ShapeDtypeStruct)
 
 
 def abstract_state(spec: Spec, mesh: Mesh) -> TrainState:
@@ -52,7 +51,7 @@ def init_sharded(spec: Spec, mesh: Mesh, *, key: PRNGKeyArray) -> TrainState:
     model too large for one device never exists unsharded). The values do not depend on the
     mesh."""
     abstract = abstract_state(spec, mesh)
-    arrays, static = eqx.partition(abstract, _is_abstract)
+    arrays, static = eqx.partition(abstract, is_array_leaf)
     shardings = jax.tree.map(lambda x: x.sharding, arrays)
     make = jax.jit(lambda k: eqx.filter(init_train_state(spec, key=k), eqx.is_array),
                    out_shardings=shardings)
@@ -61,6 +60,8 @@ def init_sharded(spec: Spec, mesh: Mesh, *, key: PRNGKeyArray) -> TrainState:
 
 
 def init_train_state(spec: Spec, *, key: PRNGKeyArray) -> TrainState:
+    """The spec's state at step 0, from `key` alone (so a seed reproduces a run): the built
+    model and routing state, a fresh optimiser state and the key for the steps' randomness."""
     k_build, k_train = jax.random.split(key)
     model, routing = build(spec.model, key=k_build)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes weak Python scalars freely

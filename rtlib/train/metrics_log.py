@@ -1,0 +1,85 @@
+"""`metrics.jsonl`, a run's log: one JSON object per line, each with its `step`.
+
+Training lines hold the step's losses, learning rate and speed; validation lines also have
+`"split": "valid"`. The writer appends and flushes line by line, so a killed process leaves at
+most one torn last line; a resumed run first drops the lines past its checkpoint (they are
+about to be written again). The reader skips whatever is not a whole line with a step.
+Deliberately free of jax: plotting and studies read it without starting an accelerator.
+"""
+
+import json
+from pathlib import Path
+
+from rtlib.errors import RunError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def record_of(line: str) -> dict | None:
+    """A metrics line as a dict; None for a torn or foreign line (no whole object, no step)."""
+    try:
+        record = json.loads(line)
+        int(record["step"])
+    except (ValueError, KeyError, TypeError, OverflowError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line cut short by a killed process."""
+    record = record_of(line)
+    return None if record is None else int(record["step"])
+
+
+def _lines(path: Path) -> list[str]:
+    # json.dumps writes ASCII only, so an undecodable byte can only be in a torn line, which
+    # record_of then drops: never a reason to fail the whole file.
+    return path.read_text(errors="replace").splitlines()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every whole record of a run's metrics.jsonl, in file order; torn, blank or stepless
+    lines (a killed process, a hand edit) are skipped, not fatal."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {METRICS_FILE} (has this run taken a step yet?)")
+    return [r for r in map(record_of, _lines(path)) if r is not None]
+
+
+class MetricsLog:
+    """The writer of `metrics.jsonl`. On resume from `resume_step`, lines after it (written
+    after the last checkpoint, and about to be recomputed) are dropped first, so each step is
+    logged once."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in _lines(path)
+                    if (step := step_of(line)) is not None and step <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")  # a kill mid-rewrite keeps the old file
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # a reader (or a kill) sees whole lines as soon as they are made
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class NoMetricsLog:
+    """What processes other than 0 write: nothing (process 0 holds the whole log)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_metrics_log(run_dir: Path, resume_step: int, *,
+                     primary: bool) -> MetricsLog | NoMetricsLog:
+    """The run's metrics log on process 0 (`primary`), a sink elsewhere."""
+    return MetricsLog(run_dir / METRICS_FILE, resume_step) if primary else NoMetricsLog()
