@@ -10,6 +10,7 @@ from jaxtyping import PRNGKeyArray
 from rtlib.nn.block import Block
 from rtlib.nn.layers import Embedding, LayerNorm, Linear
 from rtlib.nn.model import RoutingTransformer
+from rtlib.parallel.rules import is_array_leaf
 from rtlib.routing import KMeansState, RoutingState, normalize
 from rtlib.spec.schema import HeadCounts, ModelSpec, Spec
 
@@ -87,5 +88,4 @@ def abstract_build(spec: ModelSpec | Spec) -> tuple[RoutingTransformer, RoutingS
 
 def count_parameters(model: RoutingTransformer) -> int:
     """Trainable parameters (the routing state is not a parameter); works on abstract models."""
-    is_param = lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
-    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, is_param)))
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, is_array_leaf)))

@@ -13,12 +13,17 @@ from rtlib.spec.schema import HeadCounts, ModelSpec
 
 @dataclass(frozen=True)
 class Costs:
+    """What one spec costs, as `rtlib inspect` prints it: trainable parameters, forward FLOPs
+    per token by part (attention, routing, rest), activation bytes of one sequence, and notes
+    saying how each figure was counted."""
+
     parameters: int
     flops_per_token: dict[str, float]
     activation_bytes_per_sequence: int
     notes: list[str]
 
     def as_dict(self) -> dict:
+        """The fields as plain JSON-ready values (`rtlib inspect --json`)."""
         return asdict(self)
 
 
@@ -47,6 +52,8 @@ def _attention_keys_per_query(spec: ModelSpec, counts: HeadCounts) -> dict[str, 
 
 
 def estimate_costs(spec: ModelSpec) -> Costs:
+    """Parameters, forward FLOPs per token and activation memory of `spec`, computed from the
+    spec alone (an abstract build: nothing is allocated, so paper-sized specs fit anywhere)."""
     d, dh, n, v = spec.d_model, spec.head_dim, spec.seq_len, spec.vocab_size
     ff = spec.feed_forward
     ff_in = 2 * ff.hidden if ff.activation == "geglu" else ff.hidden

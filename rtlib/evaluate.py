@@ -7,13 +7,13 @@ import math
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from rtlib.data.pipeline import eval_batches
 from rtlib.data.store import StoreError, TokenStore
 from rtlib.nn.model import RoutingTransformer
+from rtlib.objectives import next_token_nll
 from rtlib.parallel import activate, from_global
 from rtlib.parallel.rules import batch_sharding, rules_key
 from rtlib.routing import RoutingState
@@ -27,10 +27,7 @@ def _nll_sum(model: RoutingTransformer, routing: RoutingState,
              ) -> Float[Array, "5"]:
     """[nll sum, scored targets, answer nll sum, correct answers, answers]."""
     # layout: the active rules (static), see `rtlib.parallel.rules.rules_key`
-    logits, _ = model(tokens[:, :-1], routing, mask=mask[:, :-1], inference=True)
-    logits = logits.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    scored = mask[:, 1:] & mask[:, :-1]
+    ce, scored, logits, _ = next_token_nll(model, routing, tokens, mask=mask, inference=True)
     weight = scored.astype(jnp.float32)
     asked = (scored & answers[:, 1:]).astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == tokens[:, 1:]).astype(jnp.float32) * asked
@@ -71,13 +68,11 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
 
 
 def _scores(model: RoutingTransformer, routing: RoutingState,
-            tokens: Int[Array, "rows seq_plus_one"], mask: Bool[Array, "rows seq"] | None
+            tokens: Int[Array, "rows seq_plus_one"], mask: Bool[Array, "rows seq_plus_one"] | None
             ) -> tuple[Float[Array, "rows seq"], Bool[Array, "rows seq"]]:
     """Per target: nll and whether the greedy prediction is right."""
-    logits, _ = model(tokens[:, :-1], routing, mask=mask, inference=True)
-    logits = logits.astype(jnp.float32)
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]),
-            jnp.argmax(logits, axis=-1) == tokens[:, 1:])
+    nll, _, logits, _ = next_token_nll(model, routing, tokens, mask=mask, inference=True)
+    return nll, jnp.argmax(logits, axis=-1) == tokens[:, 1:]
 
 
 @eqx.filter_jit
@@ -93,7 +88,8 @@ def _prefix_scores(model: RoutingTransformer, routing: RoutingState,
                    ) -> tuple[Float[Array, " rows"], Bool[Array, " rows"]]:
     """Per row: nll of the target after `positions` from a pass that sees only the prefix
     (every later token masked as padding), and whether the greedy prediction is right."""
-    prefix = jnp.arange(tokens.shape[1] - 1)[None, :] <= positions[:, None]
+    # one column wider than the inputs: `next_token_nll` takes a mask over the targets too
+    prefix = jnp.arange(tokens.shape[1])[None, :] <= positions[:, None]
     nll, ok = _scores(model, routing, tokens, prefix)
     rows = jnp.arange(tokens.shape[0])
     return nll[rows, positions], ok[rows, positions]

@@ -5,6 +5,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rtlib import KMeansState, kmeans_init, kmeans_update
 from rtlib.routing import centroid_scores
@@ -35,7 +36,7 @@ def test_ema_update_matches_numpy_transcription():
         counts[0, 0, step % k] = 0  # an empty cluster exercises the smoothing
         sums = rng.standard_normal((layers, heads, k, d)).astype(np.float32)
         state = kmeans_update(state, jnp.asarray(counts), jnp.asarray(sums), decay=decay,
-                              eps=1e-5)
+                              epsilon=1e-5)
         ref = list(numpy_ema(*ref, counts, sums, decay, 1e-5))
         for ours, theirs in zip((state.centroids, state.ema_sums, state.ema_counts), ref,
                                 strict=True):
@@ -45,7 +46,7 @@ def test_ema_update_matches_numpy_transcription():
 def test_fresh_state_is_a_fixed_point_without_data():
     c = jax.random.normal(jax.random.key(0), (2, 3, 4))
     state = KMeansState.from_centroids(c)
-    new = kmeans_update(state, jnp.zeros((2, 3)), jnp.zeros((2, 3, 4)), decay=0.9, eps=1e-5)
+    new = kmeans_update(state, jnp.zeros((2, 3)), jnp.zeros((2, 3, 4)), decay=0.9, epsilon=1e-5)
     np.testing.assert_allclose(new.centroids, c, rtol=1e-4)
 
 
@@ -93,8 +94,20 @@ def _ema_step(state, key, centres):
     scores = centroid_scores(pts, state.centroids[0])
     counts, sums, _ = assignment_statistics(pts, scores, state.centroids[0],
                                             jnp.ones(pts.shape[0], bool))
-    return kmeans_update(state, counts[None], sums[None], decay=0.95, eps=1e-5)
+    return kmeans_update(state, counts[None], sums[None], decay=0.95, epsilon=1e-5)
 
+
+
+def test_eps_is_a_deprecated_alias_of_epsilon():
+    state = KMeansState.from_centroids(jax.random.normal(jax.random.key(2), (2, 3, 4)))
+    counts, sums = jnp.arange(6.0).reshape(2, 3), jnp.ones((2, 3, 4))
+    new = kmeans_update(state, counts, sums, decay=0.9, epsilon=0.5)
+    with pytest.warns(DeprecationWarning, match="epsilon"):
+        old = kmeans_update(state, counts, sums, decay=0.9, eps=0.5)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the smoothing constant does reach the update: a different one changes it
+    assert not np.allclose(kmeans_update(state, counts, sums, decay=0.9).centroids, new.centroids)
 
 def test_kmeans_functions_jit_and_vmap():
     x = jax.random.normal(jax.random.key(5), (3, 2, 40, 4))  # [layers, heads, points, dim]
@@ -104,8 +117,8 @@ def test_kmeans_functions_jit_and_vmap():
     state = KMeansState.from_centroids(per_layer)
     counts = jnp.ones((3, 2, 5))
     sums = jnp.ones((3, 2, 5, 4))
-    jitted = jax.jit(lambda s: kmeans_update(s, counts, sums, decay=0.9, eps=1e-5))(state)
-    mapped = jax.vmap(lambda s, c, m: kmeans_update(s, c, m, decay=0.9, eps=1e-5))(
+    jitted = jax.jit(lambda s: kmeans_update(s, counts, sums, decay=0.9, epsilon=1e-5))(state)
+    mapped = jax.vmap(lambda s, c, m: kmeans_update(s, c, m, decay=0.9, epsilon=1e-5))(
         state, counts, sums)
     for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(mapped), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

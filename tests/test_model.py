@@ -58,7 +58,7 @@ def test_statistics_compose_over_microbatches_and_shards(tiny_model, getkey):
     assert_tree_allclose(one_step, model.update_state(state, whole), rtol=1e-5, atol=1e-6)
     # the update is kmeans_update of every stage with the model's decay and epsilon
     expected = kmeans_update(state.stages[0], whole[0].counts, whole[0].sums,
-                             decay=0.999, eps=1e-5)
+                             decay=0.999, epsilon=1e-5)
     assert tree_max_abs(model.update_state(state, whole).stages[0], expected) < 1e-6
 
 

@@ -65,12 +65,16 @@ def test_shared_qk_with_distinct_mask_objects_and_options(getkey, assignment):
         def run(q, v, q_mask, kv_mask):
             general, _ = routing_attention(q, q, v, mu, q_mask=q_mask, kv_mask=kv_mask, **kw)
             fast, _ = routing_attention(q, q, v, mu, q_mask=q_mask, kv_mask=q_mask, **kw)
+            explicit, _ = routing_attention(q, None, v, mu, mask=q_mask, **kw)
             ref = routing_attention_dense(q, q, v, mu, q_mask=q_mask, kv_mask=kv_mask, **kw)
-            return general, fast, ref
+            return general, fast, explicit, ref
 
-        general, fast, ref = run(q, v, q_mask, kv_mask)
+        general, fast, explicit, ref = run(q, v, q_mask, kv_mask)
         assert max_abs(general, ref) < 1e-5
         assert max_abs(fast, ref) < 1e-5
+        assert max_abs(explicit, fast) == 0.0  # `mask=` is the fast path, spelled out
+    with pytest.raises(ValueError, match="either mask= .* or q_mask= / kv_mask="):
+        routing_attention(q, None, v, mu, window=4, mask=q_mask, kv_mask=kv_mask)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -8,6 +8,7 @@ import pytest
 
 from rtlib import SpecError, abstract_build, count_parameters, load_spec
 from rtlib.cli import main
+from rtlib.parallel import is_array_leaf
 from rtlib.spec import apply_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,7 @@ def test_every_spec_validates_and_builds_abstractly(path):
     model, state = abstract_build(spec)
     assert count_parameters(model) > 0
     leaves = jax.tree.leaves(model)
-    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves if hasattr(x, "shape"))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves if is_array_leaf(x))
     routing_layers = sum(c.routing > 0 for c in spec.model.layer_plan())
     stacked = sum(s.centroids.shape[0] for s in state.stages if s is not None)
     assert stacked == routing_layers

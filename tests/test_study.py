@@ -3,7 +3,6 @@ smoke run end to end, and the causality audit it reports."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import jax

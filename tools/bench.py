@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--parts", default="attention,train,peer")
     parser.add_argument("--dense-max", type=int, default=32768, help="longest sequence for "
-                        "dense attention (its time grows as n^2: 64k takes tens of minutes)")
+                        "dense attention (its time grows as n^2; timings in docs/performance.md)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)

@@ -13,11 +13,11 @@ from rtlib.errors import SourceError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_SOURCE = "default"
 
-
-
-
 @dataclass(frozen=True)
 class Document:
+    """One document of a corpus: a stable id and a loader. Loading is deferred so collecting a
+    large corpus reads nothing; `rtlib data prepare` streams the bytes when it writes them."""
+
     id: str  # stable name: the split of a document depends only on this and the seed
     load: Callable[[], bytes]
 
@@ -30,6 +30,8 @@ def _read(path: Path) -> bytes:
 
 
 def file_documents(root: Path, files: list[Path]) -> list[Document]:
+    """One document per file, named by its path under `root` so the train/valid/test split of
+    a file does not depend on where the tree is mounted."""
     return [Document(p.relative_to(root).as_posix(), lambda p=p: _read(p)) for p in files]
 
 

@@ -22,9 +22,6 @@ SPLITS = ("train", "valid", "test")
 ANSWERS = "answers"  # SPLIT.answers.zarr: the answer mask of a synthetic task
 CHUNK = 1 << 20  # tokens per zarr chunk: 1 MiB of bytes, a good unit for local and object stores
 
-
-
-
 def kvstore_url(location: str) -> str:
     """A tensorstore kvstore URL for a local path or URL, always ending in '/'."""
     url = location if "://" in location else Path(location).expanduser().resolve().as_uri()
@@ -32,6 +29,8 @@ def kvstore_url(location: str) -> str:
 
 
 def open_kvstore(location: str) -> ts.KvStore:
+    """The kvstore at a store location; failures become a `StoreError` naming the location,
+    since tensorstore's own messages do not."""
     try:
         return ts.KvStore.open(kvstore_url(location)).result()
     except Exception as e:  # tensorstore raises ValueError subclasses with terse text
@@ -40,6 +39,8 @@ def open_kvstore(location: str) -> ts.KvStore:
 
 def split_array(location: str, split: str, *, create_shape: int | None = None,
                 dtype=np.uint8) -> ts.TensorStore:
+    """One split's zarr3 token array: opened for reading, or with `create_shape` created
+    (replacing any old one) in chunks of `CHUNK` tokens."""
     spec = {"driver": "zarr3", "kvstore": kvstore_url(location) + f"{split}.zarr/"}
     if create_shape is None:
         return ts.open(spec, open=True, read=True).result()
@@ -51,12 +52,17 @@ def split_array(location: str, split: str, *, create_shape: int | None = None,
 
 @dataclass(frozen=True)
 class TokenStore:
+    """A prepared token store opened for reading (see `TokenStore.open`): the manifest and
+    one tensorstore array per split (and per answer mask); reads return NumPy arrays."""
+
     location: str
     manifest: dict
     arrays: dict  # split -> tensorstore array
 
     @classmethod
     def open(cls, location: str) -> "TokenStore":
+        """Open the store at `location`, checking its manifest and array sizes up front so a
+        missing, foreign or damaged store fails here with a `StoreError`, not mid-training."""
         kv = open_kvstore(location)
         found = kv.read(MANIFEST).result()
         if found.state != "value":
@@ -83,6 +89,7 @@ class TokenStore:
 
     @property
     def tokenizer(self) -> Tokenizer:
+        """The tokenizer the store was written with (from its manifest)."""
         return tokenizer_from_manifest(self.manifest["tokenizer"])
 
     @property
@@ -92,6 +99,7 @@ class TokenStore:
         return self.manifest.get("example_tokens")
 
     def has_answers(self, split: str) -> bool:
+        """Whether `split` has an answer mask (stores of `rtlib data synth`)."""
         return f"{split}.{ANSWERS}" in self.arrays
 
     def read_answers(self, split: str, start: int, stop: int) -> np.ndarray:
@@ -100,6 +108,7 @@ class TokenStore:
         return np.asarray(self.arrays[f"{split}.{ANSWERS}"][start:stop].read().result(), bool)
 
     def num_tokens(self, split: str) -> int:
+        """Tokens in `split`, from the manifest (no read)."""
         self._check_split(split)
         return int(self.manifest["splits"][split]["tokens"])
 

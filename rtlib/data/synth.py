@@ -28,8 +28,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from rtlib.data.store import (ANSWERS, FORMAT, MANIFEST, SPLITS, StoreError, open_kvstore,
-                              split_array)
+from rtlib.data.store import (
+    ANSWERS,
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    StoreError,
+    open_kvstore,
+    split_array,
+)
 from rtlib.data.tokenizer import SyntheticTokenizer
 from rtlib.errors import BadArgument
 
@@ -38,6 +45,9 @@ TASKS = ("recall", "copy")
 
 @dataclass(frozen=True)
 class SynthOptions:
+    """Sizes of a synthetic task's examples and splits (the flags of `rtlib data synth`);
+    each field applies to the task named in its comment."""
+
     length: int = 513  # tokens per example, <bos> included (a model with seq_len 512)
     pairs: int = 16  # recall: key/value pairs per example
     queries: int | None = None  # recall: queries per example (default: pairs)
@@ -54,6 +64,7 @@ class SynthOptions:
 
 
 def tokenizer_for(task: str, o: SynthOptions) -> SyntheticTokenizer:
+    """The named vocabulary of `task` with the options' range sizes."""
     if task == "recall":
         return SyntheticTokenizer(["bos"], {"k": o.keys, "v": o.values, "f": o.filler})
     return SyntheticTokenizer(["bos", "copy"], {"c": o.content, "f": o.filler})

@@ -9,22 +9,27 @@ import numpy as np
 
 
 class ByteTokenizer:
+    """Token id = byte value: lossless for any file, text or not, with no vocabulary to fit."""
+
     vocab_size = 256
     dtype = np.uint8  # token ids as stored on disk
     unit = "byte"  # what one token is, for "bits per <unit>"
 
     def encode(self, data: bytes | str) -> np.ndarray:
+        """Token ids (int32) of `data`; a str is encoded as UTF-8 first."""
         if isinstance(data, str):
             data = data.encode("utf-8")
         return np.frombuffer(data, np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
+        """Text of byte ids; invalid UTF-8 (a sample cut mid-character) decodes as U+FFFD."""
         ids = np.asarray(ids)
         if ids.size and (ids.min() < 0 or ids.max() > 255):
             raise ValueError(f"token ids outside 0-255 cannot be bytes: {ids.min()}..{ids.max()}")
         return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def describe(self) -> dict:
+        """The manifest entry `tokenizer_from_manifest` rebuilds this tokenizer from."""
         return {"kind": "bytes", "vocab_size": self.vocab_size}
 
 
@@ -45,6 +50,7 @@ class SyntheticTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids: specials plus every range."""
         return len(self.names)
 
     def first(self, prefix: str) -> int:
@@ -52,6 +58,7 @@ class SyntheticTokenizer:
         return self.ids[f"{prefix}0"] if prefix in self.ranges else self.ids[f"<{prefix}>"]
 
     def encode(self, data: str) -> np.ndarray:
+        """Token ids (int32) of whitespace-separated names or plain ids (e.g. `<bos> k3 v7`)."""
         out = []
         for word in data.split():
             if word in self.ids:
@@ -64,6 +71,7 @@ class SyntheticTokenizer:
         return np.asarray(out, np.int32)
 
     def decode(self, ids) -> str:
+        """The ids as space-separated names, the form `encode` reads back."""
         ids = np.asarray(ids).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"token ids outside 0-{self.vocab_size - 1}: "
@@ -71,6 +79,7 @@ class SyntheticTokenizer:
         return " ".join(self.names[i] for i in ids)
 
     def describe(self) -> dict:
+        """The manifest entry `tokenizer_from_manifest` rebuilds this tokenizer from."""
         return {"kind": "synthetic", "vocab_size": self.vocab_size, "specials": self.specials,
                 "ranges": self.ranges}
 
@@ -79,6 +88,7 @@ Tokenizer = ByteTokenizer | SyntheticTokenizer
 
 
 def tokenizer_from_manifest(desc: dict) -> Tokenizer:
+    """The tokenizer a store's manifest describes (the inverse of `describe`)."""
     if desc.get("kind") == "bytes":
         return ByteTokenizer()
     if desc.get("kind") == "synthetic":

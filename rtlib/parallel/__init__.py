@@ -11,9 +11,28 @@ from rtlib.parallel.multihost import (
     host_local,
     initialize,
 )
-from rtlib.parallel.rules import logical_spec, state_shardings, state_specs
+from rtlib.parallel.rules import is_array_leaf, logical_spec, state_shardings, state_specs
 
-__all__ = ["DistributedError", "MeshError", "activate", "active", "any_process", "constrain", "constrain_as",
-           "data_shard", "from_global", "global_batch", "host_local", "initialize",
-           "logical_spec", "make_mesh", "mesh_shape", "per_device", "psum", "single_device_mesh", "state_shardings",
-           "state_specs"]
+__all__ = [
+    "DistributedError",
+    "MeshError",
+    "activate",
+    "active",
+    "any_process",
+    "constrain",
+    "constrain_as",
+    "data_shard",
+    "from_global",
+    "global_batch",
+    "host_local",
+    "initialize",
+    "is_array_leaf",
+    "logical_spec",
+    "make_mesh",
+    "mesh_shape",
+    "per_device",
+    "psum",
+    "single_device_mesh",
+    "state_shardings",
+    "state_specs",
+]

@@ -72,12 +72,19 @@ def batch_sharding(mesh: Mesh, rules: AxisRules | None = None) -> NamedSharding:
     return NamedSharding(mesh, to_mesh(P("batch", None), rules or AxisRules(), mesh))
 
 
+def is_array_leaf(x: object) -> bool:
+    """A leaf that holds (or, abstractly, describes) an array: a JAX or NumPy array, or the
+    `jax.ShapeDtypeStruct` that `eqx.filter_eval_shape` leaves in its place. One predicate, so
+    code that shards, counts or checkpoints a tree treats built and abstract trees alike."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def state_specs(tree, rules: AxisRules, mesh) -> object:
     """PartitionSpecs (mesh axis names) for every array leaf of `tree` (None elsewhere). An
     axis that does not split evenly stays whole: optimiser statistics shaped unlike their
     parameter (Adafactor's (1,) placeholders for vectors) are matched by path only."""
     def one(path, leaf):
-        if not eqx.is_array(leaf) and not isinstance(leaf, jax.ShapeDtypeStruct):
+        if not is_array_leaf(leaf):
             return None
         spec = to_mesh(logical_spec(path, leaf.ndim), rules, mesh)
         return P(*(None if axes is None or dim % axes_size(mesh, axes) else axes

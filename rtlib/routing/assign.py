@@ -60,6 +60,21 @@ def resolve_shared_qk(
     return (q if k is None else k), shared_qk
 
 
+def resolve_masks(
+    mask: Bool[Array, "batch seq"] | None,
+    q_mask: Bool[Array, "batch seq"] | None,
+    kv_mask: Bool[Array, "batch seq"] | None,
+) -> tuple[Bool[Array, "batch seq"] | None, Bool[Array, "batch seq"] | None, bool]:
+    """(query mask, key mask, one mask for both?): `mask` is one padding mask for queries and
+    keys; `q_mask` / `kv_mask` are separate ones (the same object counts as one mask)."""
+    if mask is not None:
+        if q_mask is not None or kv_mask is not None:
+            raise ValueError("pass either mask= (one padding mask for queries and keys) or "
+                             "q_mask= / kv_mask=, not both")
+        return mask, mask, True
+    return q_mask, kv_mask, kv_mask is q_mask
+
+
 def route_scores(
     q: Float[Array, "seq dim"],
     k: Float[Array, "seq dim"],

@@ -3,6 +3,8 @@
 Both are pure functions of arrays (ALGORITHM.md section 3); nothing is mutated.
 """
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ class KMeansState(eqx.Module):
 
     @classmethod
     def from_centroids(cls, centroids: Float[Array, "*lead clusters dim"]) -> "KMeansState":
+        """A fresh state around `centroids` (float32), each with a pseudo-count of one."""
         centroids = centroids.astype(jnp.float32)
         return cls(centroids, centroids, jnp.ones(centroids.shape[:-1], jnp.float32))
 
@@ -34,22 +37,30 @@ def kmeans_update(
     sums: Float[Array, "*lead clusters dim"],
     *,
     decay: float = 0.999,
-    eps: float = 1e-5,
+    epsilon: float = 1e-5,
+    eps: float | None = None,
 ) -> KMeansState:
     """One EMA step of the paper's online k-means, from statistics summed over the global batch.
 
     ema_counts <- decay * ema_counts + (1 - decay) * counts
     ema_sums   <- decay * ema_sums   + (1 - decay) * sums
-    c = (ema_counts + eps) / (N + K * eps) * N,  N = sum_k ema_counts   (Laplace smoothing)
+    c = (ema_counts + epsilon) / (N + K * epsilon) * N,  N = sum_k ema_counts   (Laplace smoothing)
     centroids  <- ema_sums / c
+
+    `epsilon` is the spec's `model.routing.epsilon`; `eps` is its deprecated former name.
     """
+    if eps is not None:
+        # kept for one release so callers of the old keyword get a warning, not a TypeError
+        warnings.warn("kmeans_update(eps=...) is deprecated: pass epsilon=...",
+                      DeprecationWarning, stacklevel=2)
+        epsilon = eps
     counts = jax.lax.stop_gradient(counts).astype(jnp.float32)
     sums = jax.lax.stop_gradient(sums).astype(jnp.float32)
     ema_counts = decay * state.ema_counts + (1.0 - decay) * counts
     ema_sums = decay * state.ema_sums + (1.0 - decay) * sums
     total = jnp.sum(ema_counts, axis=-1, keepdims=True)
     k = ema_counts.shape[-1]
-    smoothed = (ema_counts + eps) / (total + k * eps) * total
+    smoothed = (ema_counts + epsilon) / (total + k * epsilon) * total
     return KMeansState(ema_sums / smoothed[..., None], ema_sums, ema_counts)
 
 

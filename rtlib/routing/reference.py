@@ -17,6 +17,7 @@ from rtlib.routing.assign import (
     balanced_members,
     logit_scale_value,
     nearest_cluster,
+    resolve_masks,
     resolve_shared_qk,
     route_scores,
 )
@@ -75,6 +76,7 @@ def routing_attention_dense(
     causal: bool = True,
     norm: Norm = "layernorm",
     logit_scale: LogitScale = "rsqrt_dim",
+    mask: Bool[Array, "batch seq"] | None = None,
     q_mask: Bool[Array, "batch seq"] | None = None,
     kv_mask: Bool[Array, "batch seq"] | None = None,
     shared_qk: bool | None = None,
@@ -83,6 +85,7 @@ def routing_attention_dense(
     """Same contract as `routing_attention` (output only), computed with dense masks."""
     batch, n, _, dim = q.shape
     k, shared_qk = resolve_shared_qk(q, k, shared_qk)
+    q_mask, kv_mask, _ = resolve_masks(mask, q_mask, kv_mask)
     window = min(window, n)
     scale = logit_scale_value(logit_scale, dim)
     q_valid, k_valid = valid_or_all(q_mask, batch, n), valid_or_all(kv_mask, batch, n)

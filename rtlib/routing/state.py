@@ -1,5 +1,7 @@
 """The routing state of a whole model, threaded explicitly through forward and update."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -27,14 +29,19 @@ def update_routing_state(
     stats: tuple[RoutingStats | None, ...],
     *,
     decay: float,
-    eps: float,
+    epsilon: float = 1e-5,
+    eps: float | None = None,
 ) -> RoutingState:
     """One EMA step for every routing layer, from statistics already summed over the global
-    batch and every micro-batch of the optimiser step."""
+    batch and every micro-batch of the optimiser step. `eps` is `epsilon`'s deprecated name."""
+    if eps is not None:
+        warnings.warn("update_routing_state(eps=...) is deprecated: pass epsilon=...",
+                      DeprecationWarning, stacklevel=2)
+        epsilon = eps
     if len(stats) != len(state.stages):
         raise ValueError(f"{len(stats)} stats groups for {len(state.stages)} state groups")
     stages = tuple(
-        None if s is None else kmeans_update(s, st.counts, st.sums, decay=decay, eps=eps)
+        None if s is None else kmeans_update(s, st.counts, st.sums, decay=decay, epsilon=epsilon)
         for s, st in zip(state.stages, stats, strict=True)
     )
     return RoutingState(stages, state.initialised)

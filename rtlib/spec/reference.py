@@ -55,6 +55,8 @@ def _default(field) -> str:
 
 
 def spec_reference_markdown() -> str:
+    """docs/spec-reference.md: one table per spec section, from the schema's descriptions, so
+    the reference cannot drift from the code (a test compares them)."""
     models: list = []
     _models(Spec, models)
     lines = [

@@ -17,6 +17,8 @@ HEAD_KINDS: tuple[HeadKind, ...] = ("local", "full", "routing")  # order of head
 
 
 class Strict(BaseModel):
+    """Base of every spec section: unknown keys are errors and sections are immutable."""
+
     # strict: `count: true` or `window: 16.5` are errors, not silently coerced.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -77,6 +79,7 @@ class HeadCounts(Strict):
 
     @property
     def total(self) -> int:
+        """Heads of every kind in the layer."""
         return self.local + self.routing + self.full
 
 
@@ -156,7 +159,7 @@ class ModelSpec(Strict):
                              "that runs each group of identical layers. 1 keeps the traced "
                              "program the same size at any depth; n_layers gives straight-line "
                              "code, which on CPU saves copying every layer's saved activations "
-                             "into stacked buffers (specs/bench-4k.yaml: 1.81 -> 1.39 s/step).")
+                             "into stacked buffers (measured in docs/performance.md).")
     embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec,
                                      description="Embedding and output settings.")
     attention: AttentionSpec = Field(description="Head kinds and their settings.")
@@ -166,9 +169,11 @@ class ModelSpec(Strict):
 
     @property
     def causal(self) -> bool:
+        """Whether attention is causal: decoders are, encoders see both directions."""
         return self.kind == "decoder"
 
     def group(self, kind: HeadKind) -> LocalHeads | RoutingHeads | FullHeads | None:
+        """The settings of the heads of `kind`, or None when the spec has none."""
         return next((g for g in self.attention.heads if g.kind == kind), None)
 
     def layer_plan(self) -> list[HeadCounts]:
@@ -186,6 +191,7 @@ class ModelSpec(Strict):
 
     @property
     def head_dim(self) -> int:
+        """Per-head dimension: `attention.head_dim`, or d_model over the first layer's heads."""
         if self.attention.head_dim is not None:
             return self.attention.head_dim
         return self.d_model // self.layer_plan()[0].total
@@ -483,4 +489,5 @@ class Spec(Strict):
 
     @property
     def run_dir(self) -> str:
+        """Where the run writes: `run.dir`, or runs/<name> (runs/run for a nameless spec)."""
         return self.run.dir or f"runs/{self.name or 'run'}"
