@@ -6,6 +6,14 @@ Models from specs: `load_spec` -> `build` -> `(model, state)`; `model(tokens, st
 `(logits, stats)` and `model.update_state(state, stats)` advances the centroids.
 """
 
+import kernels as _kernels
+
+if not getattr(_kernels, "RTLIB_KERNELS", False):
+    raise ImportError(
+        f"the package `kernels` imported from {getattr(_kernels, '__file__', None) or _kernels} is "
+        "not rtlib's Pallas kernels: another installed distribution uses the same top-level name "
+        "(e.g. Hugging Face's `kernels`). Install rtlib in an environment without it.")
+
 from rtlib.attention import full_attention, local_attention
 from rtlib.build import abstract_build, build, count_parameters
 from rtlib.nn.model import RoutingTransformer

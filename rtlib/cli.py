@@ -96,7 +96,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from rtlib.data.store import TokenStore
-    from rtlib.evaluate import evaluate
+    from rtlib.runs.evaluate import evaluate
     from rtlib.train.run_dir import load_run
 
     for name in ("max_tokens", "batch_size"):
@@ -117,7 +117,7 @@ def _cmd_generate(args) -> int:
     import jax
 
     from rtlib.data.tokenizer import ByteTokenizer
-    from rtlib.sample import Sampling, generate
+    from rtlib.runs.sample import Sampling, generate
     from rtlib.train.run_dir import load_run
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -155,14 +155,14 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from rtlib.plot import plot_run
+    from rtlib.runs.plot import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0
 
 
 def _cmd_routes(args) -> int:
-    from rtlib.routes import write_routes
+    from rtlib.runs.routes import write_routes
 
     write_routes(args.run_dir, args.text, args.out, step=args.step, query=args.query,
                  max_tokens=args.max_tokens)

@@ -20,8 +20,8 @@ def next_token_nll(
 ) -> tuple[Float[Array, "batch seq"], Bool[Array, "batch seq"], Float[Array, "batch seq vocab"],
            Stats]:
     """Per-target cross-entropy in nats of `tokens[:, :-1] -> tokens[:, 1:]`: the one copy of
-    the loss math that training (`next_token_loss`) and evaluation (`rtlib.evaluate`) share, so
-    their figures cannot drift apart.
+    the loss math that training (`next_token_loss`) and evaluation (`rtlib.runs.evaluate`)
+    share, so their figures cannot drift apart.
 
     Returns `(nll, scored, logits, stats)`: `scored` marks targets that are real and follow a
     real token (`mask` marks padding, which the model does not see either); `logits` are

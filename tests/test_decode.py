@@ -13,7 +13,7 @@ from conftest import max_abs
 
 from rtlib.build import build
 from rtlib.cli import main
-from rtlib.sample import Sampling, generate
+from rtlib.runs.sample import Sampling, generate
 from rtlib.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

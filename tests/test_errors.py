@@ -55,3 +55,19 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["train", TINY, f"data.path={tmp_path / 'nodata'}",
                  f"run.dir={tmp_path / 'run'}", "mesh.data=1", "--no-progress"]) == 1
     assert "no token store here" in capsys.readouterr().err
+
+
+def test_another_package_named_kernels_is_refused_clearly(tmp_path):
+    """`kernels` is a generic top-level name: if another package of that name comes first on
+    the path, importing rtlib says so instead of failing deep inside an import."""
+    import subprocess
+    import sys
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    proc = subprocess.run([sys.executable, "-c", "import rtlib"], capture_output=True, text=True,
+                          env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"},
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "is not rtlib's Pallas kernels" in proc.stderr
+    assert str(tmp_path / "kernels") in proc.stderr

@@ -18,9 +18,9 @@ from conftest import max_abs
 
 from rtlib.cli import main
 from rtlib.data.tokenizer import ByteTokenizer
-from rtlib.routes import head_routes, layer_inputs, token_labels, trace_routes
 from rtlib.routing import routing_attention, routing_visibility
 from rtlib.routing.assign import route_scores
+from rtlib.runs.routes import head_routes, layer_inputs, token_labels, trace_routes
 from rtlib.spec.load import load_spec
 from rtlib.train.loop import train
 from rtlib.train.run_dir import load_run, write_spec

@@ -14,7 +14,7 @@ from rtlib import build, load_spec
 from rtlib.costs import estimate_costs
 from rtlib.data.store import TokenStore
 from rtlib.data.synth import SynthOptions, synth
-from rtlib.evaluate import _prefix_scores, causality_audit
+from rtlib.runs.evaluate import _prefix_scores, causality_audit
 
 ROOT = Path(__file__).resolve().parent.parent
 

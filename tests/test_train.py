@@ -256,7 +256,7 @@ def test_bad_sampling_and_eval_arguments(trained, capsys, args, message):
 
 def test_generation_draws_only_ids_the_tokenizer_can_decode(getkey):
     from rtlib.build import build
-    from rtlib.sample import Sampling, generate
+    from rtlib.runs.sample import Sampling, generate
 
     model, routing = build(load_spec(TINY, ["model.vocab_size=1024",
                                             "model.routing.init=random"]).model, key=getkey())
@@ -306,7 +306,7 @@ def test_adafactor_cosine_and_bfloat16_compute_train(text_store, tmp_path):
 
 def test_the_metrics_log_drops_torn_lines_and_resumes_each_step_once(tmp_path):
     from rtlib.errors import RunError
-    from rtlib.plot import read_metrics as plot_reader
+    from rtlib.runs.plot import read_metrics as plot_reader
     from rtlib.train.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 
     assert plot_reader is read_metrics

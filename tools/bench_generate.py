@@ -4,7 +4,7 @@
                                    [--no-cache-steps 32]
 
 Builds the spec's model with causal assignment in its routing heads (random weights: speed does
-not depend on them), then times `rtlib.sample.generate` producing `--new` tokens after a
+not depend on them), then times `rtlib.runs.sample.generate` producing `--new` tokens after a
 `--prompt`-token prompt with the cache, and without it (every token recomputes the whole
 sequence, a fixed-size buffer of prompt + new tokens, so every step costs the same: it is timed
 over `--no-cache-steps` tokens). Also reports the largest logit difference between the two
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtlib.build import build
-from rtlib.sample import Sampling, generate
+from rtlib.runs.sample import Sampling, generate
 from rtlib.spec.load import load_spec
 
 

@@ -16,8 +16,8 @@ writes OUT/results.json (one row per task, arm, seed and metric), OUT/curves.jso
 curves against steps and training seconds), and the report (`--report`, default
 docs/study.md, with its plots beside it). Runs are ordinary `rtlib train` run directories under
 OUT/runs/; a run already complete is reused, so an interrupted study resumes where it stopped.
-Balanced-routing arms get a causality audit (`rtlib.evaluate.causality_audit`): the same targets
-scored by the full pass and by a strictly causal pass.
+Balanced-routing arms get a causality audit (`rtlib.runs.evaluate.causality_audit`): the same
+targets scored by the full pass and by a strictly causal pass.
 """
 
 import argparse
@@ -253,7 +253,7 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
 
 
 def audit(run_dir: Path, store, *, answers: bool, small: bool) -> dict:
-    from rtlib.evaluate import causality_audit
+    from rtlib.runs.evaluate import causality_audit
     from rtlib.train.run_dir import load_run
 
     _, ts, _ = load_run(run_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtlib.corpus import default_corpus_files
+from rtlib.data.corpus import default_corpus_files
 from rtlib.errors import SourceError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

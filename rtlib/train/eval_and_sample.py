@@ -8,8 +8,8 @@ import math
 import jax
 
 from rtlib import parallel
-from rtlib.evaluate import evaluate
-from rtlib.sample import Sampling, generate
+from rtlib.runs.evaluate import evaluate
+from rtlib.runs.sample import Sampling, generate
 from rtlib.train.start import Session
 from rtlib.train.train_log import TrainLog
 

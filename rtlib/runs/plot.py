@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-# Re-exported: callers of rtlib.plot.read_metrics get the one tolerant reader of the format.
+# Re-exported: callers of rtlib.runs.plot.read_metrics get the one tolerant reader of the format.
 from rtlib.train.metrics_log import read_metrics
 
 

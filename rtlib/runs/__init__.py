@@ -1,0 +1,11 @@
+"""What you do with a trained model or run directory: score it (`evaluate`, `causality_audit`),
+sample from it (`generate`), plot its curves (`plot_run`) and look at its routes
+(`trace_routes`, `write_routes`)."""
+
+from rtlib.runs.evaluate import causality_audit, evaluate
+from rtlib.runs.plot import plot_run
+from rtlib.runs.routes import HeadRoutes, trace_routes, write_routes
+from rtlib.runs.sample import Sampling, generate
+
+__all__ = ["HeadRoutes", "Sampling", "causality_audit", "evaluate", "generate", "plot_run",
+           "trace_routes", "write_routes"]
