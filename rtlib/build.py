@@ -59,14 +59,17 @@ def _build(spec: ModelSpec, key: PRNGKeyArray) -> tuple[RoutingTransformer, Rout
         else:
             kstates.append(None)
     model = RoutingTransformer(
-        embed=Embedding(spec.vocab_size, e_dim, key=k_embed),
-        embed_proj=Linear(e_dim, spec.d_model, bias=False, key=k_proj) if factorised else None,
+        embed=Embedding(spec.vocab_size, e_dim, key=k_embed, axes=("vocab", "embed")),
+        # the narrow factorised width has no logical axis of its own: it stays whole
+        embed_proj=(Linear(e_dim, spec.d_model, bias=False, key=k_proj, axes=(None, "embed"))
+                    if factorised else None),
         positions=(jax.random.normal(k_pos, (spec.seq_len, spec.d_model)) * 0.02
                    if spec.embedding.positions == "learned" else None),
         stages=tuple(stages),
-        final_norm=LayerNorm(spec.d_model) if spec.final_norm else None,
+        final_norm=LayerNorm(spec.d_model, axes=("embed",)) if spec.final_norm else None,
         unembed=(None if spec.embedding.tied
-                 else Linear(spec.d_model, spec.vocab_size, bias=False, key=k_out)),
+                 else Linear(spec.d_model, spec.vocab_size, bias=False, key=k_out,
+                             axes=("embed", "vocab"))),
         causal=spec.causal,
         seq_len=spec.seq_len,
         dropout=spec.dropout,

@@ -26,13 +26,14 @@ from rtlib.parallel import (
     mesh_shape,
 )
 from rtlib.parallel.multihost import multi_process_environment
-from rtlib.parallel.rules import batch_sharding
+from rtlib.parallel.rules import batch_sharding, is_array_leaf, logical_spec, param_info
 from rtlib.spec import SpecError, load_spec
 from rtlib.spec.schema import DistributedSpec
 from rtlib.train.checkpoint import Checkpointer
 from rtlib.train.loop import train
+from rtlib.train.optim import decay_mask
 from rtlib.train.run_dir import load_run
-from rtlib.train.step import abstract_state, init_sharded, train_step_for
+from rtlib.train.step import abstract_state, init_sharded, init_train_state, train_step_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "specs" / "tiny.yaml")
@@ -140,6 +141,76 @@ def test_adafactor_state_shards_where_it_splits():
     norm = {k: v for k, v in specs.items() if "final_norm.weight" in k}
     assert (((1,), P(None)) in norm.values()) and (((32,), P("fsdp")) in norm.values()), norm
     assert replicas_agree(ts)
+
+
+# The hard-coded table the layers' declarations replaced: (owner attribute, leaf attribute) ->
+# logical axes, matched on the tail of any path (so optimiser moments shard like their
+# parameters), with a leading None under `stages`; the model's `positions` by its own name.
+OLD_AXES = {
+    ("embed", "weight"): ("vocab", "embed"), ("embed_proj", "weight"): (None, "embed"),
+    ("wq", "weight"): ("embed", "heads"), ("wk", "weight"): ("embed", "heads"),
+    ("wv", "weight"): ("embed", "heads"), ("wo", "weight"): ("heads", "embed"),
+    ("w_in", "weight"): ("embed", "mlp"), ("w_in", "bias"): ("mlp",),
+    ("w_out", "weight"): ("mlp", "embed"), ("w_out", "bias"): ("embed",),
+    ("norm1", "weight"): ("embed",), ("norm1", "bias"): ("embed",),
+    ("norm2", "weight"): ("embed",), ("norm2", "bias"): ("embed",),
+    ("final_norm", "weight"): ("embed",), ("final_norm", "bias"): ("embed",),
+    ("unembed", "weight"): ("embed", "vocab"), ("unembed", "bias"): ("vocab",),
+}
+OLD_DECAYED = {("embed", "weight"), ("embed_proj", "weight"), ("wq", "weight"), ("wk", "weight"),
+               ("wv", "weight"), ("wo", "weight"), ("w_in", "weight"), ("w_out", "weight"),
+               ("unembed", "weight")}
+# Every kind of parameter the model can have: factorised embedding, learned positions, untied
+# output projection with its bias, feed-forward biases, final norm.
+EVERY_PARAMETER = ["model.embedding.dim=16", "model.embedding.positions=learned",
+                   "model.embedding.tied=false", "model.feed_forward.bias=true",
+                   "model.final_norm=true"]
+
+
+def _attribute_names(path) -> tuple[str, ...]:
+    return tuple(k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey))
+
+
+def _old_axes(path, ndim: int) -> tuple[str | None, ...]:
+    names = _attribute_names(path)
+    axes = (None, "embed") if names[-1:] == ("positions",) else OLD_AXES.get(names[-2:])
+    if axes is not None and "stages" in names:
+        axes = (None, *axes)
+    return (None,) * ndim if axes is None or len(axes) != ndim else axes
+
+
+@pytest.mark.parametrize("optimizer", [["train.optimizer=adamw"],
+                                       ["train.optimizer=adafactor", "train.b1=0.9"]])
+@pytest.mark.parametrize("overrides", [[], EVERY_PARAMETER], ids=["tiny", "every_parameter"])
+def test_declared_axes_and_decay_match_the_old_table(overrides, optimizer):
+    """Over the whole training state (parameters, every optimiser moment, Adafactor's factored
+    statistics, routing state, step, key) the declarations give the old table's axes, and
+    decay exactly the old mask's parameters."""
+    spec = load_spec(TINY, [*overrides, *optimizer])
+    ts = eqx.filter_eval_shape(init_train_state, spec, key=jax.random.key(0))
+    got, want, seen = {}, {}, set()
+
+    def compare(path, leaf, info):
+        if is_array_leaf(leaf):
+            got[jax.tree_util.keystr(path)] = tuple(logical_spec(info, leaf.ndim))
+            want[jax.tree_util.keystr(path)] = _old_axes(path, leaf.ndim)
+            seen.add(_attribute_names(path)[-2:])
+
+    jax.tree_util.tree_map_with_path(compare, ts, param_info(ts))
+    assert got == want
+    # not vacuous: parameters and moments really shard, on every path the old table knew
+    sharded = [k for k, axes in got.items() if any(a is not None for a in axes)]
+    assert any(k.startswith(".model.") for k in sharded)
+    assert any(k.startswith(".opt_state") for k in sharded)
+    if overrides:  # (the output projection never has a bias)
+        assert set(OLD_AXES) - {("unembed", "bias")} <= seen and ("model", "positions") in seen
+
+    params = eqx.filter(ts.model, is_array_leaf)
+    mask = {jax.tree_util.keystr(p): m for p, m in
+            jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    expected = {jax.tree_util.keystr(p): _attribute_names(p)[-2:] in OLD_DECAYED for p, _ in
+                jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert mask == expected and any(expected.values()) and not all(expected.values())
 
 
 def test_a_checkpoint_restores_onto_another_mesh(runs, tmp_path):

@@ -3,12 +3,14 @@
 import json
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import pytest
 
 from rtlib import SpecError, abstract_build, count_parameters, load_spec
 from rtlib.cli import main
 from rtlib.parallel import is_array_leaf
+from rtlib.parallel.rules import param_info
 from rtlib.spec import apply_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,21 @@ def test_every_spec_validates_and_builds_abstractly(path):
     routing_layers = sum(c.routing > 0 for c in spec.model.layer_plan())
     stacked = sum(s.centroids.shape[0] for s in state.stages if s is not None)
     assert stacked == routing_layers
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: str(p.relative_to(ROOT / "specs")))
+def test_every_parameter_declares_its_axes(path):
+    """Nothing in a shipped model is replicated or left undecayed by omission: every parameter
+    array has a declaration (`declare_params`) naming each of its axes."""
+    params = eqx.filter(abstract_build(load_spec(path))[0], is_array_leaf)
+    declared = {}
+    jax.tree_util.tree_map_with_path(
+        lambda p, x, info: declared.setdefault(jax.tree_util.keystr(p), (x.ndim, info)),
+        params, param_info(params))
+    assert declared and len(declared) == len(jax.tree.leaves(params))
+    bad = {k: info for k, (ndim, info) in declared.items()
+           if info is None or len(info.axes) != ndim}
+    assert not bad, bad
 
 
 def test_paper_pg19_routes_only_in_its_last_layer():

@@ -40,10 +40,12 @@ class MixedAttention(eqx.Module):
                            for name, cls in HEAD_KINDS.items() if getattr(counts, name))
         k_heads = sum(kind.count for kind in self.kinds if kind.own_keys)
         kq, kk, kv, ko = jax.random.split(key, 4)
-        self.wq = Linear(d, counts.total * dh, bias=False, key=kq)
-        self.wk = Linear(d, k_heads * dh, bias=False, key=kk) if k_heads else None
-        self.wv = Linear(d, counts.total * dh, bias=False, key=kv)
-        self.wo = Linear(counts.total * dh, d, bias=False, key=ko)
+        into_heads = ("embed", "heads")
+        self.wq = Linear(d, counts.total * dh, bias=False, key=kq, axes=into_heads)
+        self.wk = (Linear(d, k_heads * dh, bias=False, key=kk, axes=into_heads)
+                   if k_heads else None)
+        self.wv = Linear(d, counts.total * dh, bias=False, key=kv, axes=into_heads)
+        self.wo = Linear(counts.total * dh, d, bias=False, key=ko, axes=("heads", "embed"))
 
     @property
     def routing(self) -> RoutingAttentionHeads | None:

@@ -21,8 +21,8 @@ class FeedForward(eqx.Module):
         ff = spec.feed_forward
         k1, k2 = jax.random.split(key)
         width = 2 * ff.hidden if ff.activation == "geglu" else ff.hidden
-        self.w_in = Linear(spec.d_model, width, bias=ff.bias, key=k1)
-        self.w_out = Linear(ff.hidden, spec.d_model, bias=ff.bias, key=k2)
+        self.w_in = Linear(spec.d_model, width, bias=ff.bias, key=k1, axes=("embed", "mlp"))
+        self.w_out = Linear(ff.hidden, spec.d_model, bias=ff.bias, key=k2, axes=("mlp", "embed"))
         self.activation = ff.activation
 
     def __call__(self, x: Float[Array, "*batch dmodel"]) -> Float[Array, "*batch dmodel"]:
@@ -51,8 +51,8 @@ class Block(eqx.Module):
         ka, kf = jax.random.split(key)
         self.attn = MixedAttention(spec, counts, key=ka)
         self.ffn = FeedForward(spec, key=kf)
-        self.norm1 = LayerNorm(spec.d_model)
-        self.norm2 = LayerNorm(spec.d_model)
+        self.norm1 = LayerNorm(spec.d_model, axes=("embed",))
+        self.norm2 = LayerNorm(spec.d_model, axes=("embed",))
         self.pre_norm = spec.norm == "pre"
         self.dropout = spec.dropout
 

@@ -1,9 +1,17 @@
-"""Small batched building blocks (they act on the last axis, any leading shape)."""
+"""Small batched building blocks (they act on the last axis, any leading shape).
+
+Each layer with parameters takes the logical axes of its arrays (`axes=`, a static field) from
+whoever creates it and declares them with whether weight decay applies (`declare_params`), so
+sharding and the decay mask come from here (`rtlib.parallel.rules.param_info`)."""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from rtlib.parallel.rules import Declarations, ParamInfo
+
+Axes = tuple[str | None, ...]
 
 
 def _along_last(p: Array, x: Array) -> Array:
@@ -17,14 +25,21 @@ def _init(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:
 
 
 class Linear(eqx.Module):
-    """y = x W (+ b) over the last axis."""
+    """y = x W (+ b) over the last axis. `axes` names W's (din, dout) axes; b lies along dout."""
 
     weight: Float[Array, "din dout"]
     bias: Float[Array, " dout"] | None
+    axes: Axes = eqx.field(static=True)
 
-    def __init__(self, din: int, dout: int, *, bias: bool, key: PRNGKeyArray):
+    def __init__(self, din: int, dout: int, *, bias: bool, key: PRNGKeyArray, axes: Axes):
         self.weight = _init(key, (din, dout), din)
         self.bias = jnp.zeros((dout,), jnp.float32) if bias else None
+        self.axes = tuple(axes)
+
+    def declare_params(self) -> Declarations:
+        """The matrix decays, the bias does not."""
+        return {"weight": ParamInfo(self.axes, decay=True),
+                "bias": ParamInfo(self.axes[-1:], decay=False)}
 
     def __call__(self, x: Float[Array, "*batch din"]) -> Float[Array, "*batch dout"]:
         y = x @ self.weight.astype(x.dtype)
@@ -36,12 +51,20 @@ class LayerNorm(eqx.Module):
 
     weight: Float[Array, " dim"]
     bias: Float[Array, " dim"]
+    axes: Axes = eqx.field(static=True)
     eps: float = eqx.field(static=True, default=1e-5)
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, *, axes: Axes):
         self.weight = jnp.ones((dim,), jnp.float32)
         self.bias = jnp.zeros((dim,), jnp.float32)
+        self.axes = tuple(axes)
         self.eps = eps
+
+    def declare_params(self) -> Declarations:
+        """Gain and bias along `axes`; decaying the gain towards 0 would fight the
+        normalisation, so neither decays."""
+        return {"weight": ParamInfo(self.axes, decay=False),
+                "bias": ParamInfo(self.axes, decay=False)}
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         xf = x.astype(jnp.float32)
@@ -60,9 +83,15 @@ class Embedding(eqx.Module):
     """Token embedding table; `attend` reuses it as a tied output projection."""
 
     weight: Float[Array, "vocab dim"]
+    axes: Axes = eqx.field(static=True)
 
-    def __init__(self, vocab: int, dim: int, *, key: PRNGKeyArray):
+    def __init__(self, vocab: int, dim: int, *, key: PRNGKeyArray, axes: Axes):
         self.weight = jax.random.normal(key, (vocab, dim), jnp.float32) * dim**-0.5
+        self.axes = tuple(axes)
+
+    def declare_params(self) -> Declarations:
+        """The table decays like any projection matrix."""
+        return {"weight": ParamInfo(self.axes, decay=True)}
 
     def __call__(self, tokens: Int[Array, "*batch"]) -> Float[Array, "*batch dim"]:
         return jnp.take(self.weight, tokens, axis=0)

@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from rtlib.nn.attention import LayerCache
 from rtlib.nn.block import Block
 from rtlib.nn.layers import Embedding, LayerNorm, Linear, dropout
+from rtlib.parallel.rules import Declarations, ParamInfo, Stacked
 from rtlib.routing import KMeansState, RoutingState, RoutingStats, update_routing_state
 
 Stats = tuple[RoutingStats | None, ...]
@@ -37,6 +38,12 @@ class RoutingTransformer(eqx.Module):
     ema_decay: float = eqx.field(static=True)
     epsilon: float = eqx.field(static=True)
     init_iters: int = eqx.field(static=True)
+
+    def declare_params(self) -> Declarations:
+        """The learned position table (rows are positions: never split; not a projection, so
+        not decayed) and the layer axis `lax.scan` runs over in front of every stage's arrays;
+        the layers declare the rest."""
+        return {"positions": ParamInfo((None, "embed"), decay=False), "stages": Stacked((None,))}
 
     def __call__(
         self,

@@ -11,11 +11,21 @@ from rtlib.parallel.multihost import (
     host_local,
     initialize,
 )
-from rtlib.parallel.rules import is_array_leaf, logical_spec, state_shardings, state_specs
+from rtlib.parallel.rules import (
+    ParamInfo,
+    Stacked,
+    is_array_leaf,
+    logical_spec,
+    param_info,
+    state_shardings,
+    state_specs,
+)
 
 __all__ = [
     "DistributedError",
     "MeshError",
+    "ParamInfo",
+    "Stacked",
     "activate",
     "active",
     "any_process",
@@ -30,6 +40,7 @@ __all__ = [
     "logical_spec",
     "make_mesh",
     "mesh_shape",
+    "param_info",
     "per_device",
     "psum",
     "single_device_mesh",

@@ -1,11 +1,12 @@
-"""What you do with a trained model or run directory: score it (`evaluate`, `causality_audit`),
-sample from it (`generate`), plot its curves (`plot_run`) and look at its routes
-(`trace_routes`, `write_routes`)."""
+"""What you do with a trained model or run directory: score it (`rtlib.runs.evaluate.evaluate`,
+`causality_audit`), sample from it (`generate`), plot its curves (`plot_run`) and look at its
+routes (`trace_routes`, `write_routes`). `evaluate` is not re-exported here, where its name
+would hide its module."""
 
-from rtlib.runs.evaluate import causality_audit, evaluate
+from rtlib.runs.evaluate import causality_audit
 from rtlib.runs.plot import plot_run
 from rtlib.runs.routes import HeadRoutes, trace_routes, write_routes
 from rtlib.runs.sample import Sampling, generate
 
-__all__ = ["HeadRoutes", "Sampling", "causality_audit", "evaluate", "generate", "plot_run",
+__all__ = ["HeadRoutes", "Sampling", "causality_audit", "generate", "plot_run",
            "trace_routes", "write_routes"]

@@ -3,7 +3,9 @@
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import PyTree
 
+from rtlib.parallel.rules import param_info
 from rtlib.spec.schema import TrainSpec
 
 
@@ -31,15 +33,11 @@ def learning_rate(train: TrainSpec) -> optax.Schedule:
     return schedule
 
 
-def decay_mask(params):
-    """True on projection and embedding matrices; False on norms, biases, learned positions."""
-    def decays(path, leaf) -> bool:
-        names = [getattr(p, "name", "") for p in path]
-        if any("norm" in n for n in names) or names[-1] in ("bias", "positions"):
-            return False
-        return names[-1] == "weight"
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+def decay_mask(params: PyTree) -> PyTree[bool]:
+    """True where the layers declare weight decay (projection and embedding matrices); False on
+    norms, biases, learned positions and anything undeclared."""
+    return jax.tree.map(lambda _, info: info is not None and info.decay, params,
+                        param_info(params))
 
 
 def schedule_key(train: TrainSpec) -> dict:
