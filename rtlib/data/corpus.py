@@ -8,6 +8,8 @@ differ between machines, the second are mostly generated-looking fixtures.
 import sysconfig
 from pathlib import Path
 
+from rtlib.errors import SourceError
+
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                            "__pycache__"})
 
@@ -25,5 +27,6 @@ def default_corpus_files() -> tuple[Path, list[Path]]:
         key=lambda p: p.relative_to(root).as_posix(),
     )
     if not files:
-        raise FileNotFoundError(f"no Python source files under {root}: is the stdlib installed?")
+        raise SourceError(f"{root}: no Python source files for the `default` corpus: is the "
+                          "stdlib installed?")
     return root, files

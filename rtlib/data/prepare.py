@@ -2,31 +2,49 @@
 
 import datetime
 import hashlib
-import json
 
 import numpy as np
 from tqdm import tqdm
 
 from rtlib.data.sources import Document, SourceError, collect
-from rtlib.data.store import FORMAT, MANIFEST, SPLITS, StoreError, open_kvstore, split_array
+from rtlib.data.store import (
+    FORMAT,
+    SPLITS,
+    VERSION,
+    StoreError,
+    begin_write,
+    check_target,
+    finish_write,
+    is_intact,
+    open_kvstore,
+    split_array,
+    wait,
+)
 from rtlib.data.tokenizer import ByteTokenizer
 from rtlib.errors import BadArgument
 
 WRITE_BLOCK = 8 << 20  # bytes buffered per tensorstore write
 
 
+def check_fractions(valid: float, test: float) -> None:
+    """The split fractions must be in [0, 1) and leave room for train."""
+    if not 0 <= valid < 1 or not 0 <= test < 1 or valid + test >= 1:
+        raise BadArgument(f"split fractions valid={valid}, test={test} must be in [0, 1) and "
+                          "sum to less than 1")
+
+
 def assign_splits(ids: list[str], *, valid: float, test: float, seed: int) -> dict[str, list[int]]:
     """Indices of documents per split. Documents are ranked by a seeded hash of their id, so a
     document's split depends only on its name, the seed and the corpus size, never on file
     contents or listing order. Each non-zero fraction gets at least one document."""
-    if not 0 <= valid < 1 or not 0 <= test < 1 or valid + test >= 1:
-        raise BadArgument(f"split fractions valid={valid}, test={test} must be in [0, 1) and "
-                          "sum to less than 1")
+    check_fractions(valid, test)
     wanted = [int(f > 0) for f in (valid, test)]
     if len(ids) < 1 + sum(wanted):
-        raise SourceError(f"{len(ids)} document(s) cannot be split into train"
+        named = f" ({', '.join(ids)})" if 0 < len(ids) <= 3 else ""
+        raise SourceError(f"{len(ids)} document(s){named} cannot be split into train"
                           f"{'/valid' if valid else ''}{'/test' if test else ''}: need at least "
-                          f"{1 + sum(wanted)}")
+                          f"{1 + sum(wanted)}; pass --valid 0 --test 0 to put every document "
+                          "in train")
     rank = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode())
                   .digest())
     # train keeps at least one document, and so does each requested held-out split
@@ -42,47 +60,62 @@ def prepare(source: str, out: str, *, kind: str = "auto", glob: str | None = Non
             force: bool = False, progress: bool = True) -> dict:
     """Tokenise `source` into a token store at `out`; returns the manifest.
 
-    An existing store made from the same source with the same split settings is left as it is
-    (and its manifest returned); another existing store is only replaced with `force`. The
-    manifest is written last: an interrupted run leaves no manifest, so nothing half-written is
-    ever read.
+    An existing intact store made from the same source with the same split settings is left as
+    it is (and its manifest returned); another existing store is only replaced with `force`.
+    `out` must be empty, an rtlib store or one an interrupted run left; anything else needs
+    `force`, and even then only rtlib's own keys are deleted (`rtlib.data.store.begin_write`).
+    The manifest is written last: an interrupted run leaves no manifest, so nothing
+    half-written is ever read.
     """
     if doc_bytes < 1:
         raise BadArgument(f"doc_bytes must be >= 1, got {doc_bytes}")
+    check_fractions(valid, test)
     kv = open_kvstore(out)
-    found = kv.read(MANIFEST).result()
+    old = check_target(out, kv, force=force)  # before reading the corpus: fail fast
     docs, described = collect(source, kind=kind, glob=glob, doc_bytes=doc_bytes)
     tokenizer = ByteTokenizer()
-    chosen = assign_splits([d.id for d in docs], valid=valid, test=test, seed=seed)
     # Read everything before touching `out`: a source error must not cost an existing store.
     with tqdm(total=len(docs), desc=f"read {source}", unit="doc", disable=not progress) as bar:
-        contents = {}
-        for split, idx in chosen.items():
-            contents[split] = [(docs[i].id, _load(docs[i], bar)) for i in idx]
-    if not any(data for part in contents.values() for _, data in part):
+        data = [_load(d, bar) for d in docs]
+    if not any(data):
         raise SourceError(f"{source}: the corpus is empty (0 bytes in {len(docs)} document(s))")
+    try:
+        chosen = assign_splits([d.id for d in docs], valid=valid, test=test, seed=seed)
+    except SourceError as e:
+        hint = (f", or a --doc-bytes below {doc_bytes} to cut the file into more documents"
+                if "doc_bytes" in described else "")
+        raise SourceError(f"{source}: {e}{hint}") from None
+    contents = {split: [(docs[i].id, data[i]) for i in idx] for split, idx in chosen.items()}
+    for split, part in contents.items():
+        if part and not any(d for _, d in part):  # a split of empty documents: useless
+            names = ", ".join(name for name, _ in part[:3]) + (", ..." if len(part) > 3 else "")
+            fix = "lower --valid/--test" if split == "train" else f"pass --{split} 0"
+            raise SourceError(f"{source}: the {split} split got only empty documents ({names}): "
+                              f"add documents, change --seed or {fix}")
     digest = _digest(contents)
     settings = {"valid": valid, "test": test, "seed": seed, "by": "document"}
-    if found.state == "value" and not force:
-        old = json.loads(bytes(found.value))
+    if old is not None and not force:
         if old.get("source", {}).get("sha256") == digest and old.get("split") == settings:
-            return old  # already prepared from exactly this: nothing to do
-        raise StoreError(f"{out}: a token store from another source or split is already there; "
-                         "pass --force to replace it")
-    # From here on the old store (if --force) is gone: drop its manifest first, so an
-    # interrupted write leaves no manifest and is never read as complete.
-    kv.write(MANIFEST, None).result()
+            if is_intact(out):
+                return old  # already prepared from exactly this: nothing to do
+            # the same store, damaged (e.g. a chunk lost): writing it again loses nothing
+        else:
+            raise StoreError(f"{out}: a token store from another source or split is already "
+                             "there; pass --force to replace it")
+    # From here on the old store (if any) is gone: its manifest goes first, so an interrupted
+    # write leaves no manifest and is never read as complete.
+    begin_write(out, kv)
     splits = {split: _write_split(out, split, part, tokenizer)
               for split, part in contents.items()}
     manifest = {
-        "format": FORMAT, "version": 1,
+        "format": FORMAT, "version": VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "tokenizer": tokenizer.describe(), "dtype": np.dtype(tokenizer.dtype).name,
         "source": {**described, "documents": len(docs), "sha256": digest},
         "split": settings,
         "splits": splits,
     }
-    kv.write(MANIFEST, json.dumps(manifest, indent=1).encode()).result()
+    finish_write(out, kv, manifest)
     return manifest
 
 
@@ -115,16 +148,16 @@ def _write_split(out: str, split: str, docs: list[tuple[str, bytes]],
         buffer.append(data)
         buffered += len(data)
         if buffered >= WRITE_BLOCK:
-            pos = _flush(array, pos, buffer)
+            pos = _flush(array, pos, buffer, out)
             buffer, buffered = [], 0
-    _flush(array, pos, buffer)
+    _flush(array, pos, buffer, out)
     return {"tokens": int(boundaries[-1]), "bytes": int(boundaries[-1]), "documents": len(docs),
             "boundaries": boundaries[:-1].tolist()}
 
 
-def _flush(array, pos: int, buffer: list[bytes]) -> int:
+def _flush(array, pos: int, buffer: list[bytes], out: str) -> int:
     if not buffer:
         return pos
     data = np.frombuffer(b"".join(buffer), np.uint8)
-    array[pos:pos + len(data)].write(data).result()
+    wait(array[pos:pos + len(data)].write(data), out, "write the arrays")
     return pos + len(data)

@@ -1,14 +1,16 @@
 """Where documents come from: the embedded default corpus, one text file, a directory tree, or
 images (a directory of PNG/JPEG files or an `.npy` array), each yielding `Document`s."""
 
+import fnmatch
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from rtlib.data.corpus import default_corpus_files
-from rtlib.errors import SourceError
+from rtlib.errors import BadArgument, SourceError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_SOURCE = "default"
@@ -94,7 +96,27 @@ def _load_image(path: Path) -> np.ndarray:
 
 def collect(source: str, *, kind: str = "auto", glob: str | None = None,
             doc_bytes: int = 65536) -> tuple[list[Document], dict]:
-    """Documents of `source` and a description of it for the manifest."""
+    """Documents of `source` and a description of it for the manifest. A file or directory
+    that cannot be read while collecting is a `SourceError` naming it (never silently left
+    out); a `glob` must stay inside `source` (`BadArgument` otherwise)."""
+    if glob is not None:
+        check_glob(glob)
+    try:
+        return _collect(source, kind=kind, glob=glob, doc_bytes=doc_bytes)
+    except OSError as e:
+        raise SourceError(f"{e.filename or source}: cannot read: {e.strerror or e}") from None
+
+
+def check_glob(pattern: str) -> None:
+    """A `--glob` pattern is relative to SOURCE and cannot leave it."""
+    parts = PurePosixPath(pattern).parts
+    if not pattern or pattern.startswith(("/", "~")) or ".." in parts:
+        raise BadArgument(f"--glob {pattern!r}: a pattern must be relative to SOURCE and stay "
+                          "inside it (no leading '/' or '~', no '..'), e.g. '**/*.txt'")
+
+
+def _collect(source: str, *, kind: str, glob: str | None,
+             doc_bytes: int) -> tuple[list[Document], dict]:
     if source == DEFAULT_SOURCE:
         root, files = default_corpus_files()
         return file_documents(root, files), {"kind": "default", "path": str(root),
@@ -107,15 +129,39 @@ def collect(source: str, *, kind: str = "auto", glob: str | None = None,
         kind = "images" if path.suffix == ".npy" or (path.is_dir() and glob is None and
                                                       _only_images(path)) else "text"
     if kind == "images":
+        if path.is_dir():
+            _check_listable(path, "**/*")
         docs, shape = image_documents(path)
         return docs, {"kind": "images", "path": str(path.resolve()), "image_shape": shape}
     if path.is_file():
         return text_file_documents(path, doc_bytes), {"kind": "text", "path": str(path.resolve()),
                                                       "doc_bytes": doc_bytes}
     pattern = glob or "**/*"
+    _check_listable(path, pattern)
     files = sorted((p for p in path.glob(pattern) if p.is_file()),
                    key=lambda p: p.relative_to(path).as_posix())
     if not files:
         raise SourceError(f"{source}: no files match {pattern!r}")
     return file_documents(path, files), {"kind": "text", "path": str(path.resolve()),
                                          "glob": pattern}
+
+
+def _check_listable(root: Path, pattern: str) -> None:
+    """Raise for a directory under `root` that cannot be listed and could hold files matching
+    `pattern`: `Path.glob` would silently skip it, leaving its files out of the corpus."""
+    parts = PurePosixPath(pattern).parts
+
+    def reachable(rel: tuple[str, ...]) -> bool:  # could the pattern match below rel?
+        for i, name in enumerate(rel):
+            if i < len(parts) and parts[i] == "**":
+                return True
+            if i >= len(parts) - 1 or not fnmatch.fnmatchcase(name, parts[i]):
+                return False
+        return True
+
+    def fail(e: OSError):
+        raise SourceError(f"{e.filename}: cannot list the directory: {e.strerror or e}")
+
+    for top, dirs, _ in os.walk(root, onerror=fail):
+        rel = Path(top).relative_to(root).parts
+        dirs[:] = [d for d in dirs if reachable((*rel, d))]

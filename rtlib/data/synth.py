@@ -31,11 +31,16 @@ from tqdm import tqdm
 from rtlib.data.store import (
     ANSWERS,
     FORMAT,
-    MANIFEST,
     SPLITS,
+    VERSION,
     StoreError,
+    begin_write,
+    check_target,
+    finish_write,
+    is_intact,
     open_kvstore,
     split_array,
+    wait,
 )
 from rtlib.data.tokenizer import SyntheticTokenizer
 from rtlib.errors import BadArgument
@@ -164,14 +169,15 @@ def synth(task: str, out: str, options: SynthOptions = SynthOptions(), *, force:
     settings = {"task": task, **asdict(options)}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     kv = open_kvstore(out)
-    found = kv.read(MANIFEST).result()
-    if found.state == "value" and not force:
-        old = json.loads(bytes(found.value))
-        if old.get("source", {}).get("sha256") == digest:
+    old = check_target(out, kv, force=force)
+    if old is not None and not force:
+        if old.get("source", {}).get("sha256") != digest:
+            raise StoreError(f"{out}: a token store from another source or settings is already "
+                             "there; pass --force to replace it")
+        if is_intact(out):
             return old
-        raise StoreError(f"{out}: a token store from another source or settings is already "
-                         "there; pass --force to replace it")
-    kv.write(MANIFEST, None).result()  # an interrupted write leaves no manifest
+        # the same store, damaged (e.g. a chunk lost): writing it again loses nothing
+    begin_write(out, kv)  # an interrupted write leaves no manifest
     counts = {"train": options.train, "valid": options.valid, "test": options.test}
     L = options.length
     splits = {}
@@ -190,16 +196,16 @@ def synth(task: str, out: str, options: SynthOptions = SynthOptions(), *, force:
             for first in range(0, n, block):
                 m = min(block, n - first)
                 tokens, answers = generate(task, options, m, rng)
-                tokens_arr[first * L:(first + m) * L].write(
-                    tokens.reshape(-1).astype(tok.dtype)).result()
-                answers_arr[first * L:(first + m) * L].write(
-                    answers.reshape(-1).astype(np.uint8)).result()
+                wait(tokens_arr[first * L:(first + m) * L].write(
+                    tokens.reshape(-1).astype(tok.dtype)), out, "write the arrays")
+                wait(answers_arr[first * L:(first + m) * L].write(
+                    answers.reshape(-1).astype(np.uint8)), out, "write the arrays")
                 total_answers += int(answers.sum())
                 bar.update(m)
             splits[split] = {"tokens": n * L, "documents": n,
                              "boundaries": list(range(0, n * L, L)), "answers": total_answers}
     manifest = {
-        "format": FORMAT, "version": 1,
+        "format": FORMAT, "version": VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "tokenizer": tok.describe(), "dtype": np.dtype(tok.dtype).name,
         "source": {"kind": "synthetic", "task": task, "settings": settings,
@@ -208,5 +214,5 @@ def synth(task: str, out: str, options: SynthOptions = SynthOptions(), *, force:
         "example_tokens": L,
         "splits": splits,
     }
-    kv.write(MANIFEST, json.dumps(manifest, indent=1).encode()).result()
+    finish_write(out, kv, manifest)
     return manifest
