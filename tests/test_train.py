@@ -138,7 +138,7 @@ def test_micro_batches_match_one_batch(text_store, tmp_path):
 
 
 @pytest.mark.parametrize("poison", ["loss", "grad_norm"])
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text_store, tmp_path,
+def test_non_finite_loss_stops_and_names_the_newest_good_checkpoint(text_store, tmp_path,
                                                                   monkeypatch, capsys, poison):
     real = loop.train_step_for
 
@@ -159,8 +159,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text_store, tm
     err = capsys.readouterr().err
     what = "loss" if poison == "loss" else "gradient norm"
     assert f"non-finite {what} (nan) at step 3" in err
-    assert "last good checkpoint (step 2)" in err
-    assert Checkpointer(run_dir).steps() == [1, 2]
+    # Step 3's loss and gradient come from the parameters after step 2: that checkpoint is
+    # set aside, and the one before it is the newest good one.
+    assert f"Checkpoint 2 holds the parameters that produced it and was moved to " \
+           f"{run_dir.resolve() / 'diverged' / '2'}" in err
+    assert "newest good checkpoint is step 1" in err
+    assert Checkpointer(run_dir).steps() == [1]
     assert max(r["step"] for r in metrics(run_dir)) == 2
     with pytest.raises(NonFiniteLoss):
         train(spec_for(text_store, run_dir, "train.steps=6"), progress=False)
@@ -191,7 +195,8 @@ def test_a_damaged_checkpoint_gives_a_clear_message_and_loses_nothing(trained, t
     files = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     assert main(["eval", str(run_dir)]) == 1
     err = capsys.readouterr().err
-    assert f"checkpoint {latest} cannot be restored" in err
+    assert f"checkpoint {latest} (step 30) cannot be restored" in err
+    assert "tensorstore_spec" not in err and err.strip().count("\n") == 0  # one line
     assert "Nothing was deleted" in err and "resume from step 28" in err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == files
     shutil.move(latest, tmp_path / "aside")

@@ -7,9 +7,16 @@ directory and renames it when complete, so a process killed mid-save leaves the 
 checkpoint as the latest usable one. On several processes every process writes its own shards
 of the arrays (orbax coordinates them); process 0 writes the JSON. Saving is synchronous: the step's buffers are donated to
 the next step, and the iterator state must be the one matching these arrays.
+
+A checkpoint found to hold diverged parameters is moved out of `checkpoints/` into
+`RUN_DIR/diverged/<step>` (`set_aside`), so resuming takes the newest good one and nothing is
+deleted. Error messages are one line naming the checkpoint (tensorstore's spec dumps cut out).
 """
 
 import json
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -25,11 +32,12 @@ class Checkpointer:
     """The checkpoints of one run directory: save, list, read and restore them; orbax prunes
     all but the newest `keep`. Close it when done (orbax holds threads and files)."""
 
-    def __init__(self, run_dir: str | Path, *, keep: int = 3):
+    def __init__(self, run_dir: str | Path, *, keep: int = 3, create: bool = True):
+        """`create=False` for readers (evaluate, generate): nothing is created on disk."""
         self.directory = Path(run_dir).resolve() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                  enable_async_checkpointing=False),
         )
 
@@ -62,22 +70,73 @@ class Checkpointer:
         arrays come back in `like`'s shardings, whatever mesh saved them."""
         meta = self.read_meta(step)
         arrays, static = eqx.partition(like, is_array_leaf)
+        _drop_orphaned_read_errors()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(arrays)))["state"]
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            raise CheckpointError(self._damaged(step, f"{type(e).__name__}: {e}")) from None
+            raise CheckpointError(self._damaged(step, readable(e))) from None
         for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(arrays), strict=True):
             if got.shape != want.shape or got.dtype != want.dtype:
                 raise CheckpointError(self._damaged(step, "array shapes differ from the spec's"))
         return eqx.combine(restored, static), meta
 
+    def set_aside(self, step: int) -> Path:
+        """Move checkpoint `step` out of the way (to `RUN_DIR/diverged/<step>`, or
+        `<step>-2`, ... if taken) so that it is no longer resumed from; returns where it went.
+        Only one process may call it."""
+        root = self.directory.parent / "diverged"
+        root.mkdir(exist_ok=True)
+        target, n = root / str(step), 1
+        while target.exists():
+            n += 1
+            target = root / f"{step}-{n}"
+        shutil.move(self.directory / str(step), target)
+        self.manager.reload()
+        return target
+
     def _damaged(self, step: int, why: str) -> str:
         others = [s for s in self.steps() if s != step]
         hint = (f"move {self.directory / str(step)} aside to resume from step {others[-1]}"
                 if others else "no other checkpoint is left; start a new run directory")
-        return (f"checkpoint {self.directory / str(step)} cannot be restored ({why}). Nothing "
-                f"was deleted; {hint}")
+        return (f"checkpoint {self.directory / str(step)} (step {step}) cannot be restored "
+                f"({why}). Nothing was deleted; {hint}")
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _drop_orphaned_read_errors() -> None:
+    """When a restore fails (a damaged file), orbax closes its event loop at the first error
+    while tensorstore still reads the other arrays; each of those reads then completes onto the
+    closed loop, and Python reports the `RuntimeError("Event loop is closed")` raised in its
+    callback as an unraisable exception: a traceback on stderr per array, around the one-line
+    error. Installed once (chained to the previous `sys.unraisablehook`), this drops exactly
+    those and passes every other unraisable exception on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "rtlib_orphaned_reads", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.rtlib_orphaned_reads = True
+    sys.unraisablehook = hook
+
+
+# tensorstore appends its whole JSON spec to every error, twice: `[tensorstore_spec='{...}']`.
+_TS_SPEC = re.compile(r"\s*\[tensorstore_spec(?:\[\d+\])?='(?:[^'\\]|\\.)*'\]")
+_DRIVER = re.compile(r'Error opening "\w+" driver: ')
+
+
+def readable(e: BaseException, limit: int = 400) -> str:
+    """An orbax/tensorstore exception as one readable line: its type and message without
+    tensorstore's spec dumps and driver chains, whitespace collapsed, at most `limit` chars."""
+    text = _DRIVER.sub("", _TS_SPEC.sub("", str(e)))
+    text = " ".join(text.split()) or "no details"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"

@@ -1,6 +1,8 @@
 """What a training run measures and shows of its model: validation every `run.eval_every` steps
 and at the end (each a metrics line), and one sampled continuation of `run.sample_prompt` at
-the end, so a finished run says how good it is and what it writes.
+the end (said, and kept as a `"split": "sample"` metrics line), so a finished run says how good
+it is and what it writes. `missing_at_end` tells a rerun of a finished run which of the two a
+kill prevented, so they are made then.
 """
 
 import math
@@ -8,8 +10,10 @@ import math
 import jax
 
 from rtlib import parallel
+from rtlib.errors import RunError
 from rtlib.runs.evaluate import evaluate
 from rtlib.runs.sample import Sampling, generate
+from rtlib.train.metrics_log import read_metrics
 from rtlib.train.start import Session
 from rtlib.train.train_log import TrainLog
 
@@ -54,17 +58,56 @@ class Validation:
 
     def _evaluate(self, step: int) -> dict:
         s = self.session
-        self.last = {"step": step, **evaluate(
-            s.ts.model, s.ts.routing, s.store, "valid", batch_size=s.spec.train.batch_size,
-            max_tokens=s.spec.data.eval_tokens, mesh=s.mesh, rules=s.spec.mesh.rules)}
+        try:
+            out = evaluate(s.ts.model, s.ts.routing, s.store, "valid",
+                           batch_size=s.spec.train.batch_size,
+                           max_tokens=s.spec.data.eval_tokens, mesh=s.mesh,
+                           rules=s.spec.mesh.rules)
+        except Exception:
+            s.check_store(step, collective=False)  # a store replaced under the run: say so
+            raise
+        self.last = {"step": step, **out}
         self.log.write(self.last)
         return self.last
 
 
+def wants_sample(session: Session) -> bool:
+    """Whether the run ends with a sample: `run.sample_tokens` and an encodable prompt."""
+    if not session.spec.run.sample_tokens:
+        return False
+    try:
+        session.store.tokenizer.encode(session.spec.run.sample_prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def missing_at_end(session: Session) -> tuple[bool, bool]:
+    """(evaluation, sample): which closing records of the run's step `session.start` are
+    absent from metrics.jsonl (a kill after the last checkpoint); decided by process 0 and
+    agreed by all."""
+    eval_missing = sample_missing = False
+    if session.primary:
+        records = [r for r in read_metrics_or_none(session.run_dir)
+                   if r.get("step") == session.start]
+        eval_missing = session.can_eval and not any(r.get("split") == "valid" for r in records)
+        sample_missing = wants_sample(session) and not any(r.get("split") == "sample"
+                                                           for r in records)
+    return parallel.any_process(eval_missing, sample_missing)
+
+
+def read_metrics_or_none(run_dir) -> list[dict]:
+    try:
+        return read_metrics(run_dir)
+    except RunError:  # no metrics.jsonl (yet): nothing of the end was written
+        return []
+
+
 def final_sample(session: Session, log: TrainLog) -> str | None:
-    """`run.sample_tokens` tokens sampled after `run.sample_prompt` and said; None when the
-    prompt cannot be encoded (a synthetic vocabulary) or on processes other than 0. Every
-    process must call it: the parameters are gathered collectively."""
+    """`run.sample_tokens` tokens sampled after `run.sample_prompt`, said and written as a
+    `"split": "sample"` metrics line; None when the prompt cannot be encoded (a synthetic
+    vocabulary) or on processes other than 0. Every process must call it: the parameters are
+    gathered collectively."""
     spec, tok = session.spec, session.store.tokenizer
     # One sequence: sampled on one device from a gathered copy, by process 0 only.
     model, routing = parallel.host_local((session.ts.model, session.ts.routing))
@@ -80,4 +123,6 @@ def final_sample(session: Session, log: TrainLog) -> str | None:
                    key=jax.random.key(spec.run.seed))
     text = tok.decode(out)
     log.say(f"sample (temperature {SAMPLING.temperature}, top-p {SAMPLING.top_p}):\n{text}")
+    log.write({"step": int(session.ts.step), "split": "sample", "prompt": spec.run.sample_prompt,
+               "temperature": SAMPLING.temperature, "top_p": SAMPLING.top_p, "text": text})
     return text

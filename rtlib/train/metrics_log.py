@@ -1,7 +1,8 @@
 """`metrics.jsonl`, a run's log: one JSON object per line, each with its `step`.
 
-Training lines hold the step's losses, learning rate and speed; validation lines also have
-`"split": "valid"`. The writer appends and flushes line by line, so a killed process leaves at
+Training lines hold the step's losses, learning rate, parameter norm and speed; validation
+lines also have `"split": "valid"`, and the closing sample is a `"split": "sample"` line with
+its `text`. The writer appends and flushes line by line, so a killed process leaves at
 most one torn last line; a resumed run first drops the lines past its checkpoint (they are
 about to be written again). The reader skips whatever is not a whole line with a step.
 Deliberately free of jax: plotting and studies read it without starting an accelerator.
@@ -41,9 +42,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every whole record of a run's metrics.jsonl, in file order; torn, blank or stepless
     lines (a killed process, a hand edit) are skipped, not fatal."""
     path = Path(run_dir) / METRICS_FILE
+    if path.exists() and not path.is_file():
+        raise RunError(f"{path} is not a file; it should be the run's metrics log")
     if not path.is_file():
         raise RunError(f"{run_dir}: no {METRICS_FILE} (has this run taken a step yet?)")
-    return [r for r in map(record_of, _lines(path)) if r is not None]
+    try:
+        return [r for r in map(record_of, _lines(path)) if r is not None]
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 class MetricsLog:
@@ -53,13 +59,19 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        if path.exists():
-            kept = [line for line in _lines(path)
-                    if (step := step_of(line)) is not None and step <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")  # a kill mid-rewrite keeps the old file
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
-        self.file = path.open("a")
+        if path.exists() and not path.is_file():
+            raise RunError(f"{path} is not a file; move it aside: it is where this run keeps "
+                           "its metrics log")
+        try:
+            if path.exists():
+                kept = [line for line in _lines(path)
+                        if (step := step_of(line)) is not None and step <= resume_step]
+                tmp = path.with_suffix(".jsonl.tmp")  # a kill mid-rewrite keeps the old file
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)
+            self.file = path.open("a")
+        except OSError as e:
+            raise RunError(f"{path}: cannot write the metrics log ({e.strerror or e})") from None
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

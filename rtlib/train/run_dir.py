@@ -1,9 +1,14 @@
-"""A run directory: `spec.yaml` (the resolved spec), `checkpoints/`, `metrics.jsonl`, plots.
+"""A run directory: `spec.yaml` (the resolved spec), `checkpoints/`, `metrics.jsonl`, plots,
+`diverged/` (checkpoints set aside after a divergence) and `.lock`.
 
-Opening a run for evaluation or sampling, and refusing to resume a run whose arrays a changed
-spec would not fit.
+Opening a run for evaluation or sampling, refusing to resume a run whose arrays a changed
+spec would not fit, and the lock that keeps a second trainer out of a live run directory.
 """
 
+import errno
+import fcntl
+import os
+import socket
 from pathlib import Path
 
 import equinox as eqx
@@ -11,7 +16,7 @@ import jax
 import yaml
 from jax.sharding import Mesh
 
-from rtlib.errors import RunError
+from rtlib.errors import CheckpointError, RunError
 from rtlib.parallel import single_device_mesh
 from rtlib.spec.load import SpecError, validate_spec
 from rtlib.spec.schema import Spec
@@ -20,8 +25,70 @@ from rtlib.train.metrics_log import METRICS_FILE  # noqa: F401  (its format's mo
 from rtlib.train.step import TrainState, abstract_state, init_train_state
 
 SPEC_FILE = "spec.yaml"
+LOCK_FILE = ".lock"
+CHECKPOINTS = "checkpoints"
+_ROTATION_RETRIES = 5  # a reader racing a live run's `run.keep` takes the new latest this often
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` (and its parents) if needed; RunError in one line when it is a file,
+    lies under a file or cannot be created."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunError(f"run.dir {run_dir} is a file, not a directory; choose another "
+                       "run.dir") from None
+    except OSError as e:
+        blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists()), None)
+        why = (f"{blocker} is a file" if blocker is not None and not blocker.is_dir()
+               else e.strerror or type(e).__name__)
+        raise RunError(f"run.dir {run_dir} cannot be created: {why}; choose another "
+                       "run.dir") from None
+    if not run_dir.is_dir():
+        raise RunError(f"run.dir {run_dir} is not a directory; choose another run.dir")
+
+
+class RunLock:
+    """An exclusive `flock` on `RUN_DIR/.lock` for the lifetime of a training run, holding the
+    owner's pid and host. The lock dies with its process, so a killed trainer's lock never
+    blocks; the file itself stays (deleting lock files races)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock: RunError naming the holder when another process has it, or the
+        directory is not writable. Returns a note instead when the file system cannot lock
+        at all (the run goes on, unprotected)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"run.dir {self.run_dir} is not writable ({e.strerror}); choose "
+                           "another run.dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(
+                    f"{self.run_dir} is in use by another training run "
+                    f"({holder or 'a process that is just starting'}); wait for it to end or "
+                    f"stop it, or use another run.dir") from None
+            return (f"note: cannot lock {self.path} ({e.strerror}): a second trainer on this "
+                    "run directory would not be noticed")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 
 def write_spec(run_dir: Path, spec: Spec) -> None:
@@ -89,18 +156,31 @@ def load_run(run_dir: str | Path, step: int | None = None, *,
         spec = validate_spec(yaml.safe_load(path.read_text()), source=str(path))
     except (SpecError, yaml.YAMLError) as e:
         raise RunError(f"{path}: unreadable run spec: {e}") from None
-    ckpt = Checkpointer(run_dir, keep=spec.run.keep)
+    if not (run_dir / CHECKPOINTS).is_dir():
+        raise RunError(f"{run_dir}: no checkpoint yet (the run has not saved one)")
+    ckpt = Checkpointer(run_dir, keep=spec.run.keep, create=False)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise RunError(f"{run_dir}: no checkpoint yet (checkpoints/ is empty)")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise RunError(f"{run_dir}: no checkpoint at step {step}; there are {steps}")
-        ts, _ = ckpt.restore(step, abstract_state(spec, mesh or single_device_mesh()))
+        like = abstract_state(spec, mesh or single_device_mesh())
+        for attempt in range(_ROTATION_RETRIES):
+            steps = ckpt.steps()
+            if not steps:
+                raise RunError(f"{run_dir}: no checkpoint yet (the run has not saved one)")
+            chosen = steps[-1] if step is None else step
+            if chosen not in steps:
+                raise RunError(f"{run_dir}: no checkpoint at step {step}; there are {steps}")
+            try:
+                ts, _ = ckpt.restore(chosen, like)
+                return spec, ts, chosen
+            except CheckpointError:
+                if chosen in ckpt.steps() or attempt == _ROTATION_RETRIES - 1:
+                    raise  # really damaged (or a run saving faster than we can read)
+                if step is not None:  # the asked-for step was rotated away by a live run
+                    raise RunError(f"{run_dir}: checkpoint {step} was deleted while being "
+                                   f"read (the run keeps the newest run.keep={spec.run.keep});"
+                                   f" there are now {ckpt.steps()}") from None
+                # the latest was rotated away by a live run while we read it: take the new one
+        raise AssertionError("unreachable")
     finally:
         ckpt.close()
-    return spec, ts, step
 
 

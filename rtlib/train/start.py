@@ -3,9 +3,18 @@ train state, either fresh from the seed or restored from the run directory's lat
 
 Resuming is exact: the checkpoint holds every array that changes, the RNG key, the data
 iterator's position and the tokens seen, so a resumed run reproduces an uninterrupted one bit
-for bit (`Session.meta` is what each checkpoint records for that).
+for bit (`Session.meta` is what each checkpoint records for that). Each checkpoint also records
+the token store's digest (`store_digest`): resuming on a store that changed since (prepared
+again from another source, or another `data.path`) is refused unless asked for, and a store
+replaced while the run reads it stops the run before its next save.
+
+Process 0 holds an exclusive lock on the run directory (`run_dir.RunLock`) for the session's
+lifetime: a second trainer on the same `run.dir` is refused.
 """
 
+import functools
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +26,12 @@ from jax.sharding import Mesh, NamedSharding
 from rtlib import parallel
 from rtlib.build import count_parameters
 from rtlib.data.pipeline import train_dataset, train_iterator
-from rtlib.data.store import StoreError, TokenStore
+from rtlib.data.store import MANIFEST, StoreError, TokenStore, open_kvstore
+from rtlib.errors import RunError
 from rtlib.parallel.rules import batch_sharding
 from rtlib.spec.schema import Spec
 from rtlib.train.checkpoint import Checkpointer
-from rtlib.train.run_dir import check_compatible, write_spec
+from rtlib.train.run_dir import RunLock, check_compatible, make_run_dir, write_spec
 from rtlib.train.step import TrainState, abstract_state, init_sharded
 
 
@@ -41,6 +51,8 @@ class Session:
     primary: bool
     rows: NamedSharding  # how the global batch's rows lie over the mesh
     batch_shape: tuple[int, ...]
+    store_digest: str  # of the store as opened; recorded in every checkpoint
+    lock: RunLock | None = None  # process 0's lock on the run directory
 
     @property
     def run_dir(self) -> Path:
@@ -56,16 +68,43 @@ class Session:
         return has_validation(self.store)
 
     def meta(self) -> dict:
-        """A checkpoint's JSON: with the arrays, exactly what an exact resume needs."""
+        """A checkpoint's JSON: with the arrays, exactly what an exact resume needs, and the
+        digest of the store it was trained on."""
         return {"step": int(self.ts.step), "spec": self.spec.model_dump(mode="json"),
-                "data": self.data.get_state(), "tokens_seen": self.tokens_seen}
+                "data": self.data.get_state(), "tokens_seen": self.tokens_seen,
+                "store_digest": self.store_digest}
 
     def save(self) -> None:
-        """Checkpoint the current state (every process takes part)."""
+        """Checkpoint the current state (every process takes part), unless the token store
+        changed under the run (StoreError)."""
+        self.check_store(int(self.ts.step))
         self.checkpointer.save(self.ts, self.meta())
 
+    def check_store(self, step: int, *, collective: bool = True) -> None:
+        """StoreError if the token store is no longer the one this session opened (e.g.
+        `rtlib data prepare --force` on it while training): the state after `step` may hold
+        batches of either, so it is not saved. With `collective`, every process must call it
+        and all raise together; else only this process looks (e.g. after its read failed)."""
+        now = current_digest(self.spec.data.path)
+        changed = now != self.store_digest
+        if collective:
+            (changed,) = parallel.any_process(changed)
+        if changed:
+            kept = self.checkpointer.latest()
+            raise StoreError(
+                f"{self.spec.data.path} changed while this run was reading it (store digest "
+                f"{_short(self.store_digest)} is now {_short(now)}; prepared again?); stopped "
+                f"at step {step} without saving. "
+                + (f"The newest checkpoint (step {kept}) was trained on the old store. "
+                   if kept is not None else "")
+                + "Restore the old store, or resume on this one with --accept-store-change.")
+
     def close(self) -> None:
-        self.checkpointer.close()
+        try:
+            self.checkpointer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def __enter__(self) -> "Session":
         return self
@@ -85,6 +124,35 @@ def open_store(spec: Spec) -> TokenStore:
     return store
 
 
+def store_digest(manifest: dict) -> str:
+    """SHA-256 of a store's manifest without its creation time and format version: what its
+    tokens are (source digest, split, tokenizer, counts, boundaries). The same source prepared
+    again with the same settings has the same digest."""
+    content = {k: v for k, v in manifest.items() if k not in ("created", "version")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+def current_digest(location: str) -> str | None:
+    """The digest of the store at `location` now; None without a readable manifest (e.g.
+    while it is being prepared again)."""
+    try:
+        found = open_kvstore(location).read(MANIFEST).result()
+        return _digest_of(bytes(found.value)) if found.state == "value" else None
+    except (ValueError, OSError, RuntimeError):  # unreadable: as good as no manifest
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _digest_of(manifest: bytes) -> str:
+    # Checked at every save: an unchanged manifest (the same bytes) is not parsed again.
+    return store_digest(json.loads(manifest))
+
+
+def _short(digest: str | None) -> str:
+    return digest[:16] if digest else "(no manifest)"
+
+
 def has_validation(store: TokenStore) -> bool:
     """Whether the store has a validation split to evaluate on (two tokens make one target)."""
     return "valid" in store.manifest["splits"] and store.num_tokens("valid") >= 2
@@ -95,16 +163,53 @@ def _where(mesh: Mesh) -> str:
             + (f", {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
 
-def start_or_resume(spec: Spec, mesh: Mesh, *, primary: bool,
-                    say: Callable[[str], None]) -> Session:
+def lock_run_dir(run_dir: Path, *, primary: bool, say: Callable[[str], None]) -> RunLock | None:
+    """Create the run directory and, on process 0, lock it; every process raises RunError
+    when that fails anywhere (the decision is collective, so none waits for the others)."""
+    lock, error = None, None
+    try:
+        make_run_dir(run_dir)
+        if primary:
+            lock = RunLock(run_dir)
+            note = lock.acquire()
+            if note:
+                say(note)
+    except RunError as e:
+        error = e
+    (failed,) = parallel.any_process(error is not None)
+    if failed:
+        if lock is not None:
+            lock.release()
+        raise error or RunError(f"{run_dir}: another process of this job could not use the "
+                                "run directory (see its error)")
+    return lock
+
+
+def start_or_resume(spec: Spec, mesh: Mesh, *, primary: bool, say: Callable[[str], None],
+                    accept_store_change: bool = False) -> Session:
     """The run of `spec.run_dir` on `mesh`: a new one from `run.seed`, or the existing one
-    restored from its latest checkpoint (refused when the spec changes array shapes). Says
-    which, with notes on spec changes that alter what the continuation computes."""
+    restored from its latest checkpoint (refused when the spec changes array shapes, or when
+    the token store is not the one the checkpoint was trained on, unless
+    `accept_store_change`). Says which, with notes on spec changes that alter what the
+    continuation computes. Process 0 holds the run directory's lock until the session closes."""
     run_dir = Path(spec.run_dir)
     store = open_store(spec)
+    digest = store_digest(store.manifest)
     if not has_validation(store):
         say(f"note: {spec.data.path} has no validation tokens: no evaluation")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir, primary=primary, say=say)
+    try:
+        return _start(spec, mesh, store, digest, lock, primary=primary, say=say,
+                      accept_store_change=accept_store_change)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _start(spec: Spec, mesh: Mesh, store: TokenStore, digest: str, lock: RunLock | None, *,
+           primary: bool, say: Callable[[str], None], accept_store_change: bool) -> Session:
+    run_dir = Path(spec.run_dir)
     n, batch = spec.model.seq_len, spec.train.batch_size
     rows = batch_sharding(mesh, spec.mesh.rules)
     shard, shards = parallel.data_shard(rows, (batch, n + 1))
@@ -114,19 +219,41 @@ def start_or_resume(spec: Spec, mesh: Mesh, *, primary: bool,
     data = train_iterator(dataset, threads=spec.data.read_threads, prefetch=spec.data.prefetch)
     checkpointer = Checkpointer(run_dir, keep=spec.run.keep)
     try:
-        ts, tokens_seen = _fresh_or_restored(spec, mesh, store, data, checkpointer,
-                                             primary=primary, say=say)
+        ts, tokens_seen = _fresh_or_restored(spec, mesh, store, data, checkpointer, digest,
+                                             primary=primary, say=say,
+                                             accept_store_change=accept_store_change)
     except BaseException:
         checkpointer.close()
         raise
     return Session(spec=spec, mesh=mesh, store=store, data=data, checkpointer=checkpointer,
                    ts=ts, tokens_seen=tokens_seen, start=int(ts.step), primary=primary,
-                   rows=rows, batch_shape=(batch, 2, n + 1) if with_answers else (batch, n + 1))
+                   rows=rows, batch_shape=(batch, 2, n + 1) if with_answers else (batch, n + 1),
+                   store_digest=digest, lock=lock)
+
+
+def _check_store(saved: str | None, digest: str, spec: Spec, run_dir: Path, step: int, *,
+                 accept: bool, say: Callable[[str], None]) -> None:
+    """Refuse (StoreError) to resume on another store than the checkpoint's, unless `accept`.
+    Checkpoints written before digests were recorded (`saved` None) resume as they are."""
+    if saved is None or saved == digest:
+        return
+    if accept:
+        say(f"note: {spec.data.path} is not the store this run was trained on (digest "
+            f"{_short(saved)} -> {_short(digest)}); continuing on it as asked "
+            "(--accept-store-change)")
+        return
+    raise StoreError(
+        f"{run_dir} (step {step}) was trained on a token store with digest {_short(saved)}, "
+        f"but {spec.data.path} now has digest {_short(digest)} (prepared again from another "
+        "source, or another data.path?); its data position belongs to the old store. Restore "
+        "the old store, use a new run.dir, or pass --accept-store-change to `rtlib train` to "
+        "continue on this one.")
 
 
 def _fresh_or_restored(spec: Spec, mesh: Mesh, store: TokenStore, data: grain.DatasetIterator,
-                       checkpointer: Checkpointer, *, primary: bool,
-                       say: Callable[[str], None]) -> tuple[TrainState, int]:
+                       checkpointer: Checkpointer, digest: str, *, primary: bool,
+                       say: Callable[[str], None],
+                       accept_store_change: bool) -> tuple[TrainState, int]:
     """(state, tokens seen): from the seed, or from the latest checkpoint, whose iterator
     position `data` takes on."""
     run_dir = Path(spec.run_dir)
@@ -138,7 +265,10 @@ def _fresh_or_restored(spec: Spec, mesh: Mesh, store: TokenStore, data: grain.Da
         say(f"new run {run_dir}: {count_parameters(ts.model):,} parameters, "
             f"{store.num_tokens('train'):,} training tokens in {spec.data.path}; {_where(mesh)}")
         return ts, 0
-    changes = check_compatible(checkpointer.read_meta(latest)["spec"], spec, run_dir)
+    saved_meta = checkpointer.read_meta(latest)
+    changes = check_compatible(saved_meta["spec"], spec, run_dir)
+    _check_store(saved_meta.get("store_digest"), digest, spec, run_dir, latest,
+                 accept=accept_store_change, say=say)
     ts, meta = checkpointer.restore(latest, abstract_state(spec, mesh))
     data.set_state(meta["data"])
     if primary:

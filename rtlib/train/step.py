@@ -165,12 +165,19 @@ def _train_step(key: str):
         with jax.numpy_dtype_promotion("standard"):
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, ts.opt_state, params)
+            # How far this step moved the parameters, relative to their size (checked by
+            # rtlib.train.finite before the new state can reach a checkpoint).
+            update_ratio = optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(params),
+                                                                  jnp.finfo(jnp.float32).tiny)
         model = eqx.apply_updates(ts.model, updates)
+        with jax.numpy_dtype_promotion("standard"):
+            param_norm = optax.tree.norm(eqx.filter(model, eqx.is_array))
         routing = model.update_state(ts.routing, stats)
         new = constrain(TrainState(model, routing, opt_state, ts.step + 1,
                                    jax.random.key_data(key)))
         metrics = {"loss": losses[0], "lm_loss": losses[1], "commit_loss": losses[2],
-                   "grad_norm": grad_norm, **routing_metrics(stats)}
+                   "grad_norm": grad_norm, "param_norm": param_norm,
+                   "update_ratio": update_ratio, **routing_metrics(stats)}
         return new, metrics
 
     return step

@@ -1,4 +1,5 @@
-"""One step of the training loop: the next global batch, the jitted step, the finiteness check.
+"""One step of the training loop: the next global batch, the jitted step, the health check
+(finite loss, gradient and parameters, a bounded update: `finite.check_finite`).
 
 Every process reads its own rows of the global batch from its grain iterator; the jitted step
 (on the spec's mesh, donating the previous state) advances the session's state in place. The
@@ -47,10 +48,16 @@ class Stepper:
         self.with_answers = spec.train.loss_on == "answers"
 
     def __call__(self, step: int) -> StepOutcome:
-        """Take step `step`; raises `NonFiniteLoss` (the state unsaved) if it diverged."""
+        """Take step `step`; raises `NonFiniteLoss` (the state unsaved, see `finite`) if it
+        diverged, `StoreError` if the token store was replaced while the run read it."""
         s = self.session
         t0 = time.perf_counter()
-        tokens = parallel.global_batch(next(s.data), s.rows, s.batch_shape)
+        try:
+            batch = next(s.data)
+        except Exception:
+            s.check_store(step - 1, collective=False)  # a replaced store: say so
+            raise
+        tokens = parallel.global_batch(batch, s.rows, s.batch_shape)
         if not bool(s.ts.routing.initialised):
             s.ts = init_routing(tokens[:, 0] if self.with_answers else tokens, s.ts,
                                 key=jax.random.fold_in(jax.random.key(s.spec.run.seed),
@@ -58,8 +65,12 @@ class Stepper:
                                 mesh=s.mesh, rules=s.spec.mesh.rules)
             self.note("routing centroids initialised by k-means on the first batch")
         s.ts, metrics = self.step_fn(tokens, s.ts)
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        check_finite(loss, grad_norm, step=step, checkpointer=s.checkpointer)
+        health = {k: float(v) for k, v in jax.device_get(
+            {k: metrics[k] for k in ("loss", "grad_norm", "param_norm", "update_ratio")}).items()}
+        loss, grad_norm = health["loss"], health["grad_norm"]
+        check_finite(loss, grad_norm, step=step, checkpointer=s.checkpointer,
+                     param_norm=health["param_norm"], update_ratio=health["update_ratio"],
+                     primary=s.primary)
         seconds = time.perf_counter() - t0
         s.tokens_seen += self.tokens_per_step
         return StepOutcome(step=step, metrics=metrics, loss=loss, grad_norm=grad_norm,
