@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from rtlib.errors import BadArgument, RtlibError
@@ -24,6 +26,9 @@ def _cmd_validate(args) -> int:
                                                                    for a, v in sizes.items())
     print(f"{args.spec}: OK ({spec.model.kind}, {spec.model.n_layers} layers; heads per layer: "
           f"{kinds}{mesh})")
+    if spec.model.kind != "decoder":
+        print("note: `rtlib train`, `generate` and `eval` need a decoder (model.kind: decoder); "
+              "an encoder builds (rtlib.build) but has no training objective yet")
     return 0
 
 
@@ -49,12 +54,12 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from rtlib.data.prepare import prepare
-    from rtlib.data.store import MANIFEST, open_kvstore
+    from rtlib.data.store import existing_manifest
 
-    before = open_kvstore(args.out).read(MANIFEST).result()
+    before = existing_manifest(args.out)
     m = prepare(args.source, args.out, kind=args.kind, glob=args.glob, valid=args.valid,
                 test=args.test, seed=args.seed, doc_bytes=args.doc_bytes, force=args.force)
-    if before.state == "value" and json.loads(bytes(before.value)) == m:
+    if before == m:
         print(f"{args.out}: already prepared from this source with these settings; kept")
     counts = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} documents"
                        for s, v in m["splits"].items())
@@ -65,14 +70,14 @@ def _cmd_prepare(args) -> int:
 def _cmd_synth(args) -> int:
     from dataclasses import fields
 
-    from rtlib.data.store import MANIFEST, open_kvstore
+    from rtlib.data.store import existing_manifest
     from rtlib.data.synth import SynthOptions, synth
 
     options = SynthOptions(**{f.name: getattr(args, f.name) for f in fields(SynthOptions)
                               if getattr(args, f.name) is not None})
-    before = open_kvstore(args.out).read(MANIFEST).result()
+    before = existing_manifest(args.out)
     m = synth(args.task, args.out, options, force=args.force)
-    if before.state == "value" and json.loads(bytes(before.value)) == m:
+    if before == m:
         print(f"{args.out}: already made with these settings; kept")
     counts = ", ".join(f"{s} {v['documents']:,} examples / {v['answers']:,} answers"
                        for s, v in m["splits"].items())
@@ -85,16 +90,16 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    import signal
-
     from rtlib.train.loop import train
 
     spec = load_spec(args.spec, args.overrides)
-    result = train(spec, progress=not args.no_progress)
+    result = train(spec, progress=not args.no_progress,
+                   accept_store_change=args.accept_store_change)
     return 128 + signal.Signals[result.stopped_by] if result.stopped_by else 0
 
 
 def _cmd_eval(args) -> int:
+    from rtlib.costs import check_fits
     from rtlib.data.store import TokenStore
     from rtlib.runs.evaluate import evaluate
     from rtlib.train.run_dir import load_run
@@ -104,10 +109,15 @@ def _cmd_eval(args) -> int:
         if value is not None and value < 1:
             raise BadArgument(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     spec, ts, step = load_run(args.run_dir, args.step)
+    batch = args.batch_size or spec.train.batch_size
+    m = spec.model
+    # float32 logits and their log-softmax for every row of a batch: a floor on eval's memory
+    check_fits(8 * batch * m.seq_len * m.vocab_size,
+               f"--batch-size {batch} ({m.seq_len:,} positions x {m.vocab_size:,} logits a row)",
+               "--batch-size")
     store = TokenStore.open(args.data or spec.data.path)
-    out = evaluate(ts.model, ts.routing, store, args.split,
-                   batch_size=args.batch_size or spec.train.batch_size,
-                   max_tokens=args.max_tokens)
+    out = evaluate(ts.model, ts.routing, store, args.split, batch_size=batch,
+                   max_tokens=args.max_tokens, progress=not args.no_progress)
     print(json.dumps({"run_dir": str(args.run_dir), "step": step,
                       "data": args.data or spec.data.path, **out}))
     return 0
@@ -126,11 +136,16 @@ def _cmd_generate(args) -> int:
     if not args.prompt:
         raise BadArgument("--prompt is empty: give at least one character")
 
+    if not -(2**63) <= args.seed < 2**63:
+        raise BadArgument(f"--seed must fit in 64 bits, got {args.seed}")
+
     tok = ByteTokenizer()
     spec, ts, _ = load_run(args.run_dir, args.step)
     sampling.check(min(spec.model.vocab_size, tok.vocab_size))
-    prompt = tok.encode(args.prompt)
-    sys.stdout.write(args.prompt)
+    # The prompt's own bytes, even when they are not UTF-8 (argv keeps them as surrogates).
+    raw = args.prompt.encode("utf-8", errors="surrogateescape")
+    prompt = tok.encode(raw)
+    sys.stdout.write(raw.decode("utf-8", errors="replace"))
     sys.stdout.flush()
     pending = bytearray()
 
@@ -169,8 +184,37 @@ def _cmd_routes(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import version
+
+    import rtlib
+
+    return f"rtlib {rtlib.__version__} (jax {version('jax')}, jaxlib {version('jaxlib')})"
+
+
+def _cmd_devices(args) -> int:
+    import jax
+
+    from rtlib.costs import available_memory_bytes
+
+    devices = jax.devices()
+    info = {"backend": jax.default_backend(), "process_count": jax.process_count(),
+            "device_count": len(devices), "local_device_count": jax.local_device_count(),
+            "kinds": sorted({d.device_kind for d in devices}),
+            "memory_bytes": available_memory_bytes()}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    memory = info["memory_bytes"]
+    print(f"{_version()}\n{info['device_count']} {info['backend']} device(s) "
+          f"({', '.join(info['kinds'])}) in {info['process_count']} process(es); "
+          f"memory for arrays: {'unknown' if memory is None else f'{memory / 2**30:,.1f} GiB'}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtlib", description="Routing Transformer in JAX.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def spec_args(p):
@@ -228,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) the run directory `run.dir` of a spec")
     spec_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--accept-store-change", action="store_true",
+                   help="resume even though the token store differs from the one the latest "
+                   "checkpoint was trained on (otherwise refused)")
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("eval", help="score a trained run; prints one JSON object")
@@ -237,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     p.add_argument("--batch-size", type=int, help="sequences per forward pass")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (tokens/s and ETA on stderr)")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
@@ -278,6 +327,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, help="also check the mesh on this many devices "
                    "(fills a -1 size; every array must split evenly)")
     p.set_defaults(fn=_cmd_validate)
+    p = sub.add_parser("devices", help="which devices JAX sees (platform, kind, count, memory)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=_cmd_devices)
+
     p = sub.add_parser("inspect", help="parameters, FLOPs per token, activation memory")
     spec_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -296,10 +349,27 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # inside the try: a closed pipe must not surface at exit
+        return code
     except RtlibError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # As Unix tools end when the reader stops (`rtlib inspect spec | head -3`): quietly,
+        # with SIGPIPE's status. SIGPIPE itself stays ignored (Python's default): restoring its
+        # default action would also kill the process on pipes libraries use internally.
+        _silence_stdout()
+        return 128 + 13
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (e.g. tests)
+        pass
 
 if __name__ == "__main__":
     sys.exit(main())

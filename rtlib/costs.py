@@ -5,9 +5,11 @@ including the masked-out parts of the tiles it computes. Memory is an estimate o
 activations kept for the backward pass of one sequence, not a measurement.
 """
 
+import os
 from dataclasses import asdict, dataclass
 
 from rtlib.build import abstract_build, count_parameters
+from rtlib.errors import BadArgument
 from rtlib.spec.schema import HeadCounts, ModelSpec
 
 
@@ -86,3 +88,36 @@ def estimate_costs(spec: ModelSpec) -> Costs:
         "Memory: float32 activations kept for the backward pass of one sequence, without remat.",
     ]
     return Costs(count_parameters(model), flops, int(act * 4), notes)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the arrays of one job can use: the accelerators' (summed over local devices)
+    or, on a CPU, this machine's physical memory; None when it cannot be read."""
+    import jax
+
+    devices = jax.local_devices()
+    if devices[0].platform != "cpu":
+        limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+        return sum(limits) if all(limits) else None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def training_bytes(spec: ModelSpec, batch_size: int, micro_batches: int = 1) -> int:
+    """A floor on training memory: float32 parameters, gradients and two optimiser moments
+    (16 bytes a parameter), plus the activations of one micro-batch without remat."""
+    costs = estimate_costs(spec)
+    rows = -(-batch_size // micro_batches)
+    act = 0 if spec.remat else costs.activation_bytes_per_sequence * rows
+    return 16 * costs.parameters + act
+
+
+def check_fits(need: int, what: str, keys: str) -> None:
+    """Refuse (BadArgument, exit 2) work whose estimated memory exceeds what this machine
+    has, before an allocation fails (or, dispatched asynchronously, never returns)."""
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        raise BadArgument(f"{what} needs about {need / 2**30:,.1f} GiB; this machine has "
+                          f"{have / 2**30:,.1f} GiB. Reduce {keys}.")

@@ -45,7 +45,9 @@ class MeshError(RtlibError, ValueError):
 
 class UnsupportedModel(RtlibError, ValueError):
     """A model that the asked-for command cannot use (e.g. training an encoder with the
-    next-token loss); the message says what would work."""
+    next-token loss); the message says what would work. A spec problem: exit 2."""
+
+    exit_code = EXIT_USAGE
 
 
 class SourceError(RtlibError, ValueError):

@@ -13,7 +13,32 @@ from jaxtyping import Array, Bool, Float, Int
 
 from kernels.grouped_attention.reference import masked_attention, neighbour_blocks
 
-__all__ = ["blocked_attention", "masked_attention", "valid_or_all", "zero_padding"]
+__all__ = ["blocked_attention", "check_inputs", "masked_attention", "valid_or_all",
+           "zero_padding"]
+
+
+def check_inputs(op: str, q: Array, k: Array | None, v: Array, **masks: Array | None) -> None:
+    """Shapes and dtypes of `[batch, seq, heads, dim]` attention inputs, checked up front so
+    a mistake names the argument (as Equinox does) instead of surfacing as a JAX shape error
+    deep inside, or as an integer output."""
+    def fail(message: str):
+        raise ValueError(f"{op}: {message}")
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is None:
+            continue
+        if x.ndim != 4:
+            fail(f"{name} must be [batch, seq, heads, dim], got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            fail(f"{name} must be a floating-point array, got {x.dtype}")
+    if k is not None and k.shape != q.shape:
+        fail(f"k has shape {tuple(k.shape)}; it must match q's {tuple(q.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        fail(f"v has shape {tuple(v.shape)}; its batch, seq and heads must match q's "
+             f"{tuple(q.shape[:3])}")
+    for name, m in masks.items():
+        if m is not None and tuple(m.shape) != tuple(q.shape[:2]):
+            fail(f"{name} must be [batch, seq] = {tuple(q.shape[:2])}, got {tuple(m.shape)}")
 
 
 def valid_or_all(

@@ -7,7 +7,7 @@ from jaxtyping import Array, Bool, Float
 
 from kernels.dispatch import Backend
 from kernels.grouped_attention import CallShape, choose_backend, grouped_attention
-from rtlib.attention.core import masked_attention, valid_or_all, zero_padding
+from rtlib.attention.core import check_inputs, masked_attention, valid_or_all, zero_padding
 
 
 def local_attention(
@@ -36,6 +36,7 @@ def local_attention(
     `kernels.dispatch`) picks who computes it; `interpret=True` runs a Pallas kernel in
     interpret mode (on CPU).
     """
+    check_inputs("local_attention", q, k, v, q_mask=q_mask, kv_mask=kv_mask)
     batch, n, _, dim = q.shape
     if window < 1:
         raise ValueError(f"local_attention: window must be >= 1, got {window}")
@@ -90,6 +91,7 @@ def full_attention(
     scale: float | None = None,
 ) -> Float[Array, "batch seq heads vdim"]:
     """Dense attention with the same masking conventions as `local_attention`."""
+    check_inputs("full_attention", q, k, v, q_mask=q_mask, kv_mask=kv_mask)
     batch, n, _, dim = q.shape
     scale = dim**-0.5 if scale is None else scale
     q_valid = valid_or_all(q_mask, batch, n)

@@ -58,6 +58,9 @@ class RoutingTransformer(eqx.Module):
 
         `key` drives dropout and is required in training when dropout > 0. `mask` marks real
         (non-padding) tokens. `inference=True` disables dropout; the state is never changed here.
+        Token ids must lie in [0, vocab_size): JAX gathers fill an id outside it with NaN, so
+        its logits (and the loss) are NaN. Not checked here (a check would put a host callback
+        in every compiled step); `rtlib train` checks the store's tokenizer against the spec.
         """
         logits, stats, _ = self._forward(tokens, state, key=key, mask=mask, inference=inference)
         return logits, stats

@@ -8,7 +8,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from kernels.dispatch import Backend, choose
 from kernels.grouped_attention import CallShape, choose_backend, grouped_attention, splash_tpu
-from rtlib.attention.core import masked_attention, valid_or_all, zero_padding
+from rtlib.attention.core import check_inputs, masked_attention, valid_or_all, zero_padding
 from rtlib.routing.assign import (
     Assignment,
     LogitScale,
@@ -74,6 +74,7 @@ def routing_attention(
 
     All routing math and the softmax run in float32; the output has `v`'s dtype.
     """
+    check_inputs("routing_attention", q, k, v, mask=mask, q_mask=q_mask, kv_mask=kv_mask)
     batch, n, heads, dim = q.shape
     if window < 1:
         raise ValueError(f"routing_attention: window must be >= 1, got {window}")

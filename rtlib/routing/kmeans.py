@@ -54,6 +54,12 @@ def kmeans_update(
         warnings.warn("kmeans_update(eps=...) is deprecated: pass epsilon=...",
                       DeprecationWarning, stacklevel=2)
         epsilon = eps
+    # Python numbers only are checked (a traced decay, e.g. a schedule, is the caller's to keep
+    # in range): decay 2 or epsilon -1 would silently blow the centroids up.
+    if isinstance(decay, (int, float)) and not 0.0 < decay < 1.0:
+        raise ValueError(f"kmeans_update: decay must be in (0, 1), got {decay}")
+    if isinstance(epsilon, (int, float)) and not epsilon > 0.0:
+        raise ValueError(f"kmeans_update: epsilon must be > 0, got {epsilon}")
     counts = jax.lax.stop_gradient(counts).astype(jnp.float32)
     sums = jax.lax.stop_gradient(sums).astype(jnp.float32)
     ema_counts = decay * state.ema_counts + (1.0 - decay) * counts

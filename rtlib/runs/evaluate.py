@@ -3,12 +3,14 @@ for stores with an answer mask (synthetic tasks) also the greedy accuracy and nl
 
 import contextlib
 import math
+import sys
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
+from tqdm import tqdm
 
 from rtlib.data.pipeline import eval_batches
 from rtlib.data.store import StoreError, TokenStore
@@ -37,7 +39,7 @@ def _nll_sum(model: RoutingTransformer, routing: RoutingState,
 
 def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore, split: str, *,
              batch_size: int, max_tokens: int | None = None, mesh: Mesh | None = None,
-             rules: AxisRules | None = None) -> dict:
+             rules: AxisRules | None = None, progress: bool = False) -> dict:
     """Every target token of the split (or its first `max_tokens`) scored once, in consecutive
     windows of the model's seq_len. Byte-level tokens: bits per byte = bits per token.
     With a `mesh` (the model sharded on it), batches are split over its data axes; every
@@ -45,8 +47,13 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
     sums = [0.0] * 5
     rows = None if mesh is None else batch_sharding(mesh, rules)
     with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
+        # Targets to score, for the progress bar (tokens/s and ETA on stderr).
+        todo = min(store.num_tokens(split), (max_tokens or math.inf) + 1) - 1
+        bar = tqdm(total=todo, unit="tok", unit_scale=True, disable=not progress,
+                   desc=f"eval {split}", file=sys.stderr, dynamic_ncols=True, leave=False)
         for batch in eval_batches(store, split, seq_len=model.seq_len,
                                   batch_size=batch_size, max_tokens=max_tokens):
+            bar.update(int(batch[1][:, 1:].sum()))
             if rows is None:
                 batch = [jnp.asarray(x) for x in batch]
             else:
@@ -54,6 +61,7 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
             out = _nll_sum(model, routing, *batch,
                            "" if mesh is None else rules_key(rules or AxisRules()))
             sums = [a + float(b) for a, b in zip(sums, out)]
+        bar.close()
     total_nll, total, answer_nll, correct, asked = sums
     nll = total_nll / total
     out = {"split": split, "tokens": int(total), "nll": nll, "bits_per_token": nll / math.log(2)}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from rtlib.costs import check_fits
 from rtlib.errors import BadArgument
 from rtlib.nn.model import RoutingTransformer
 from rtlib.routing import RoutingState
@@ -111,6 +112,12 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
     if learned and total - 1 > model.seq_len:
         # learned positions end at seq_len: only a sliding window of recomputation goes on
         use_cache = False
+    span = model.seq_len if learned else total
+    if use_cache:
+        need, what = _cache_bytes(model, routing, total), f"a decoding cache of {total:,} positions"
+    else:  # every step recomputes float32 logits (and their softmax) over the span
+        need, what = 8 * span * vocab, f"logits over {span:,} positions"
+    check_fits(need, f"generating {max_new_tokens:,} tokens ({what})", "--max-new-tokens")
     temperature = jnp.asarray(sampling.temperature, jnp.float32)
     choose = functools.partial(pick, temperature=temperature, top_k=sampling.top_k,
                                top_p=sampling.top_p, vocab_limit=limit)
@@ -118,7 +125,6 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
     if use_cache:
         logits, cache = _prefill(model, routing, jnp.asarray(tokens)[None], total)
         logits = logits[0, -1]
-    span = model.seq_len if learned else total
     for i in range(max_new_tokens):
         if not use_cache:
             window = tokens[-span:]
@@ -135,3 +141,12 @@ def generate(model: RoutingTransformer, routing: RoutingState, prompt: np.ndarra
             logits, cache = _decode(model, routing, nxt[None], cache)
             logits = logits[0]
     return np.asarray(tokens, np.int32)
+
+
+def _cache_bytes(model: RoutingTransformer, routing: RoutingState, capacity: int) -> int:
+    """Bytes of the decoding cache `prefill` would build for `capacity` positions (shapes
+    only: nothing is allocated)."""
+    shapes = eqx.filter_eval_shape(
+        lambda m, r: m.prefill(jnp.zeros((1, 1), jnp.int32), r, capacity=capacity)[1],
+        model, routing)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

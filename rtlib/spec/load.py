@@ -53,10 +53,16 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     Raises `SpecError` naming the file, the key path and what is wrong.
     """
     source = str(path)
+    if isinstance(overrides, str):  # iterating it would give one override per character
+        raise TypeError(f"load_spec: overrides must be a list of 'dotted.key=value' strings, "
+                        f"got the string {overrides!r} (wrap it in a list)")
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(source, [f"cannot read spec file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(source, [f"not a text (UTF-8) file: byte {e.start} is "
+                                 f"{e.object[e.start:e.start + 1]!r}"]) from None
     try:
         data = _safe_load_unique(text)
     except yaml.YAMLError as e:
@@ -97,7 +103,11 @@ def apply_overrides(data: dict, overrides: Iterable[str], source: str = "<overri
             if last:
                 node[part] = value
             else:
-                if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                if isinstance(node, dict) and node.get(part) is not None and \
+                        not isinstance(node[part], (dict, list)):
+                    raise SpecError(source, [f"override {item!r}: {where} is a value "
+                                             f"({node[part]!r}), not a section"])
+                if isinstance(node, dict) and node.get(part) is None:
                     node[part] = {}
                 node = node[part]
         applied.append(key)

@@ -16,19 +16,32 @@ ImplementationList = Annotated[list[Implementation], Field(min_length=1)]
 HEAD_KINDS: tuple[HeadKind, ...] = ("local", "full", "routing")  # order of heads inside a layer
 
 
+# Upper bounds far beyond any model these specs describe (the paper's largest: 22 layers, width
+# 1,032, 8k tokens, vocabulary 267,735), so that a typo fails validation with the key's name
+# instead of an allocation that never returns.
+MAX_HEADS = 1024
+MAX_CLUSTERS = 1 << 16
+MAX_WIDTH = 1 << 16
+MAX_VOCAB = 1 << 24
+MAX_SEQ_LEN = 1 << 22
+MAX_LAYERS = 1 << 12
+MAX_BATCH = 1 << 20
+
+
 class Strict(BaseModel):
     """Base of every spec section: unknown keys are errors and sections are immutable."""
 
-    # strict: `count: true` or `window: 16.5` are errors, not silently coerced.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # strict: `count: true` or `window: 16.5` are errors, not silently coerced; `.inf` and
+    # `.nan` are errors too (no setting of a spec means infinity).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class LocalHeads(Strict):
     """Blocked local attention heads (ALGORITHM.md section 4)."""
 
     kind: Literal["local"] = Field(description="Head kind tag: `local`.")
-    count: int = Field(ge=0, description="Number of local heads in each layer.")
-    window: int = Field(ge=1, description="Block size B: queries attend within their block and "
+    count: int = Field(ge=0, le=MAX_HEADS, description="Number of local heads in each layer.")
+    window: int = Field(ge=1, le=MAX_SEQ_LEN, description="Block size B: queries attend within their block and "
                         "`look_back` previous blocks. The sequence length must be a multiple.")
     look_back: int = Field(1, ge=0, description="Previous blocks each query block also sees.")
     look_ahead: int | None = Field(None, ge=0, description="Next blocks each query block also "
@@ -39,9 +52,9 @@ class RoutingHeads(Strict):
     """Routing heads: content-based sparse attention with online k-means (section 2)."""
 
     kind: Literal["routing"] = Field(description="Head kind tag: `routing`.")
-    count: int = Field(ge=0, description="Number of routing heads in each layer.")
-    clusters: int = Field(ge=1, description="Number of centroids K per head.")
-    window: int = Field(ge=1, description="Cluster size W: tokens per cluster (balanced) or the "
+    count: int = Field(ge=0, le=MAX_HEADS, description="Number of routing heads in each layer.")
+    clusters: int = Field(ge=1, le=MAX_CLUSTERS, description="Number of centroids K per head.")
+    window: int = Field(ge=1, le=MAX_SEQ_LEN, description="Cluster size W: tokens per cluster (balanced) or the "
                         "number of most recent same-cluster tokens a query sees (causal).")
     assignment: Literal["balanced", "causal"] = Field(
         "balanced", description="`balanced`: every centroid takes its top-W tokens (the paper). "
@@ -64,7 +77,7 @@ class FullHeads(Strict):
     """Dense heads: every query sees every (earlier, in a decoder) token. O(n^2)."""
 
     kind: Literal["full"] = Field(description="Head kind tag: `full`.")
-    count: int = Field(ge=0, description="Number of full-attention heads in each layer.")
+    count: int = Field(ge=0, le=MAX_HEADS, description="Number of full-attention heads in each layer.")
 
 
 HeadGroup = Annotated[LocalHeads | RoutingHeads | FullHeads, Field(discriminator="kind")]
@@ -73,9 +86,9 @@ HeadGroup = Annotated[LocalHeads | RoutingHeads | FullHeads, Field(discriminator
 class HeadCounts(Strict):
     """How many heads of each kind one layer has."""
 
-    local: int = Field(0, ge=0, description="Local heads in this layer.")
-    routing: int = Field(0, ge=0, description="Routing heads in this layer.")
-    full: int = Field(0, ge=0, description="Full heads in this layer.")
+    local: int = Field(0, ge=0, le=MAX_HEADS, description="Local heads in this layer.")
+    routing: int = Field(0, ge=0, le=MAX_HEADS, description="Routing heads in this layer.")
+    full: int = Field(0, ge=0, le=MAX_HEADS, description="Full heads in this layer.")
 
     @property
     def total(self) -> int:
@@ -86,7 +99,7 @@ class HeadCounts(Strict):
 class AttentionSpec(Strict):
     """The heads of every layer."""
 
-    head_dim: int | None = Field(None, ge=1, description="Per-head dimension; default "
+    head_dim: int | None = Field(None, ge=1, le=MAX_WIDTH, description="Per-head dimension; default "
                                  "d_model / heads per layer (which must divide).")
     heads: list[HeadGroup] = Field(min_length=1, description="One entry per head kind used "
                                    "(`kind: local | routing | full`) with its settings and "
@@ -121,7 +134,7 @@ class RoutingSpec(Strict):
 class FeedForwardSpec(Strict):
     """The position-wise feed-forward block."""
 
-    hidden: int = Field(ge=1, description="Hidden width.")
+    hidden: int = Field(ge=1, le=MAX_WIDTH, description="Hidden width.")
     activation: Literal["gelu", "geglu", "relu"] = Field(
         "gelu", description="GELU MLP, GEGLU (the paper's text models) or ReLU (its image models).")
     bias: bool = Field(True, description="Biases in the feed-forward projections (paper GEGLU: "
@@ -131,7 +144,7 @@ class FeedForwardSpec(Strict):
 class EmbeddingSpec(Strict):
     """Token embedding, positions and output projection."""
 
-    dim: int | None = Field(None, ge=1, description="Factorised embedding width (then a dense "
+    dim: int | None = Field(None, ge=1, le=MAX_WIDTH, description="Factorised embedding width (then a dense "
                             "projection to d_model); default d_model (no factorisation).")
     positions: Literal["rotary", "learned", "none"] = Field(
         "rotary", description="Rotary on local/full-head q and k, learned absolute embeddings, "
@@ -144,10 +157,10 @@ class ModelSpec(Strict):
 
     kind: Literal["decoder", "encoder"] = Field("decoder", description="`decoder`: causal LM; "
                                                 "`encoder`: every token sees both sides.")
-    vocab_size: int = Field(ge=2, description="Number of token ids.")
-    seq_len: int = Field(ge=1, description="Training sequence length n.")
-    d_model: int = Field(ge=1, description="Residual stream width.")
-    n_layers: int = Field(ge=1, description="Number of transformer blocks.")
+    vocab_size: int = Field(ge=2, le=MAX_VOCAB, description="Number of token ids.")
+    seq_len: int = Field(ge=1, le=MAX_SEQ_LEN, description="Training sequence length n.")
+    d_model: int = Field(ge=1, le=MAX_WIDTH, description="Residual stream width.")
+    n_layers: int = Field(ge=1, le=MAX_LAYERS, description="Number of transformer blocks.")
     norm: Literal["pre", "post"] = Field("pre", description="Pre-norm (modern) or post-norm "
                                          "(the paper's T2T default).")
     final_norm: bool = Field(True, description="LayerNorm before the output projection.")
@@ -274,7 +287,7 @@ class TrainSpec(Strict):
 
     steps: int = Field(1000, ge=0, description="Optimiser steps in the whole run (a resumed run "
                        "continues up to this step).")
-    batch_size: int = Field(8, ge=1, description="Sequences per optimiser step (global, over "
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Sequences per optimiser step (global, over "
                             "all processes).")
     micro_batches: int = Field(1, ge=1, description="Split each batch into this many "
                                "micro-batches (gradient accumulation); routing statistics are "
