@@ -141,7 +141,11 @@ def choose(
             reason = f"{op} has no {name} implementation" if check is None else check()
             if reason is None:
                 for skipped in reasons:
-                    _warn_once(f"{op}: skipping {skipped}")
+                    if skipped.split(":")[0].split("/")[0] == key.split("/")[0]:
+                        # a variant of the implementation that runs: not a fallback
+                        log.info("%s: skipping %s", op, skipped)
+                    else:
+                        _warn_once(f"{op}: skipping {skipped}")
                 return key
             reasons.append(f"{key}: {reason}")
     raise KernelUnavailable(f"{op}: no requested implementation can run: " + "; ".join(reasons))

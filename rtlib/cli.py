@@ -6,7 +6,8 @@ import os
 import signal
 import sys
 
-from rtlib.errors import BadArgument, RtlibError
+from kernels.dispatch import KernelUnavailable
+from rtlib.errors import EXIT_USAGE, BadArgument, RtlibError
 from rtlib.spec.load import load_spec
 
 
@@ -162,7 +163,8 @@ def _cmd_generate(args) -> int:
         pending.clear()
 
     generate(ts.model, ts.routing, prompt, max_new_tokens=args.max_new_tokens,
-             sampling=sampling, vocab_limit=tok.vocab_size, use_cache=not args.no_cache, key=jax.random.key(args.seed), on_token=stream)
+             sampling=sampling, vocab_limit=tok.vocab_size, use_cache=not args.no_cache,
+             key=jax.random.key(args.seed), on_token=stream)
     if pending:
         sys.stdout.write(pending.decode("utf-8", errors="replace"))
     sys.stdout.write("\n")
@@ -355,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except RtlibError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KernelUnavailable as e:  # a spec naming a kernel this machine cannot run
+        print(f"error: {e} (model.attention.implementation)", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         # As Unix tools end when the reader stops (`rtlib inspect spec | head -3`): quietly,
         # with SIGPIPE's status. SIGPIPE itself stays ignored (Python's default): restoring its
@@ -370,6 +375,7 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # no real file behind stdout (e.g. tests)
         pass
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -97,7 +97,6 @@ def _ema_step(state, key, centres):
     return kmeans_update(state, counts[None], sums[None], decay=0.95, epsilon=1e-5)
 
 
-
 def test_eps_is_a_deprecated_alias_of_epsilon():
     state = KMeansState.from_centroids(jax.random.normal(jax.random.key(2), (2, 3, 4)))
     counts, sums = jnp.arange(6.0).reshape(2, 3), jnp.ones((2, 3, 4))
@@ -108,6 +107,7 @@ def test_eps_is_a_deprecated_alias_of_epsilon():
         np.testing.assert_array_equal(a, b)
     # the smoothing constant does reach the update: a different one changes it
     assert not np.allclose(kmeans_update(state, counts, sums, decay=0.9).centroids, new.centroids)
+
 
 def test_kmeans_functions_jit_and_vmap():
     x = jax.random.normal(jax.random.key(5), (3, 2, 40, 4))  # [layers, heads, points, dim]

@@ -193,3 +193,12 @@ def test_inspect_scales_attention_with_the_head_kinds():
     full = estimate_costs(load_spec(TINY, [
         "model.attention.heads=[{kind: full, count: 4}]"]).model).flops_per_token
     assert full["routing"] == 0
+
+
+def test_head_kind_order_is_the_same_in_the_spec_and_the_model():
+    """The spec's order of head kinds (routes, layer plans) and the model's registry (where each
+    kind's heads sit in a layer's projections) must agree."""
+    from rtlib.nn.heads import HEAD_KINDS as MODEL_ORDER
+    from rtlib.spec.schema import HEAD_KINDS as SPEC_ORDER
+
+    assert tuple(MODEL_ORDER) == SPEC_ORDER

@@ -220,7 +220,7 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
     wall = rtlib_cli(["train", str(path), *overrides, "--no-progress"], log)
     scored = run_dir / "test.json"
     rtlib_cli(["eval", str(run_dir), "--split", "test", "--max-tokens",
-               str(budget["test_tokens"])], scored)
+               str(budget["test_tokens"]), "--no-progress"], scored)
     test = json.loads(scored.read_text().splitlines()[-1])
     records = read_metrics(run_dir)
     last = [r for r in records if "split" not in r][-1]

@@ -1,9 +1,10 @@
 """rtlib's side of the seam with kernels/: padding helpers, and attention under a mask function.
 
 The masked softmax and its backward live once, in `kernels.grouped_attention.reference`
-(`masked_attention`, re-exported here): local heads, routing heads and the kernels' reference
-all reach it through the grouped-attention op, whose "xla" implementation it is; full heads
-and the decoding caches call it directly on dense masks.
+(`masked_attention`, re-exported here): local heads, the block patterns of routing heads and
+the kernels' reference reach it through the grouped-attention op, whose "xla" implementation
+it is; full heads, the causal assignment with unshared QK (every query its own key window) and
+the decoding caches call it directly on dense masks.
 """
 
 from collections.abc import Callable

@@ -15,6 +15,7 @@ from rtlib.errors import BadArgument, SourceError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_SOURCE = "default"
 
+
 @dataclass(frozen=True)
 class Document:
     """One document of a corpus: a stable id and a loader. Loading is deferred so collecting a

@@ -203,8 +203,8 @@ class RoutingTransformer(eqx.Module):
 
 
 class DecodeCache(eqx.Module):
-    """Decoding state of a whole model: per stage, the layer-stacked caches of each head kind (`rtlib.nn.heads`), and the
-    position of the next token. Its size does not depend on how many tokens were generated."""
+    """Decoding state of a whole model: per stage, the layer-stacked caches of each head kind
+    (`rtlib.nn.heads`), and the position of the next token. Its size does not depend on how many tokens were generated."""
 
     stages: tuple[LayerCache, ...]
     pos: Int[Array, ""]

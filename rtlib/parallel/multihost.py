@@ -15,8 +15,6 @@ from rtlib.spec.schema import DistributedSpec
 log = logging.getLogger(__name__)
 
 
-
-
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None or value == "":

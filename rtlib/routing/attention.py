@@ -97,19 +97,19 @@ def routing_attention(
         k = q
     # With shared QK and one mask, queries and keys are the same routed set: cluster once.
     same_routing = shared_qk and one_mask
+    aligned = same_routing and kv_mask is None  # clusters hold their own keys, all valid
     backend = _backend(
         implementation, assignment=assignment, same_routing=same_routing, n=n, window=window,
         dim=dim, vdim=v.shape[-1], dtype=jnp.dtype(v.dtype), causal=causal, self_mask=self_mask,
-        aligned=same_routing and kv_mask is None, interpret=interpret)
+        aligned=aligned, interpret=interpret)
 
     def head(qh, kh, vh, mu, qv, kv):
         q_hat, k_hat, s_q, s_k = route_scores(qh, kh, mu, norm=norm, shared_qk=shared_qk)
         args = (q_hat, k_hat, vh, s_q, s_k, qv, kv)
         kw = dict(window=window, causal=causal, scale=scale, self_mask=self_mask,
-                  same_routing=same_routing, backend=backend,
-                  aligned=same_routing and kv_mask is None)
+                  same_routing=same_routing, backend=backend)
         if assignment == "balanced":
-            out, covered = _balanced(*args, **kw)
+            out, covered = _balanced(*args, **kw, aligned=aligned)
         else:
             out, covered = _causal(*args, **kw)
         counts, sums, err = assignment_statistics(q_hat, s_q, mu, qv)
@@ -158,7 +158,8 @@ def _backend(implementation, *, assignment, same_routing, n, window, dim, vdim, 
 
 def _operands(backend: Backend, v: Array):
     """The dtype q and k enter the attention in: kernels take them in v's dtype; the XLA
-    reference computes in float32 anyway, so it keeps the normalised float32 values."""
+    reference computes in float32 anyway, so it keeps the normalised float32 values (and takes
+    v in float32 too: its outputs are then float32, as rtlib's XLA path always gave)."""
     return jnp.float32 if backend.name == "xla" else v.dtype
 
 
@@ -171,8 +172,10 @@ def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, sc
     ki = qi if same_routing else balanced_members(s_k, k_valid, window)
     k_seg = jnp.where(k_valid[ki], 0, -1)
     dt = _operands(backend, v)
+    # XLA: v in float32 too, so the cluster outputs are averaged unrounded (as they always were)
+    vk = v[ki] if backend.name != "xla" else v[ki].astype(jnp.float32)
     out_c = grouped_attention(
-        q_hat[qi].astype(dt), k_hat[ki].astype(dt), v[ki], qi, ki, jnp.zeros_like(qi), k_seg,
+        q_hat[qi].astype(dt), k_hat[ki].astype(dt), vk, qi, ki, jnp.zeros_like(qi), k_seg,
         causal=causal, self_mask=self_mask, scale=scale, aligned=aligned, implementation=backend,
     ).astype(jnp.float32)
     flat = qi.reshape(-1)
@@ -182,7 +185,7 @@ def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, sc
 
 
 def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
-            same_routing, backend, aligned):
+            same_routing, backend):
     """Nearest-centroid assignment; local attention of width W in (cluster, position) order."""
     n, num_clusters = s_q.shape
     pos = jnp.arange(n, dtype=jnp.int32)
@@ -269,7 +272,10 @@ def _aligned_grouped(x_l, v_l, seg, *, window, causal, scale, self_mask, num_clu
     nb = x_l.shape[0] // window
     pos = jnp.arange(nb * window, dtype=jnp.int32).reshape(nb, window)
     seg = seg.reshape(nb, window)
-    x_b = x_l.reshape(nb, window, -1).astype(_operands(backend, v_l))
+    dt = _operands(backend, v_l)
+    x_b = x_l.reshape(nb, window, -1).astype(dt)
+    if backend.name == "xla":  # float32 output, unrounded before the caller's where (as before)
+        v_l = v_l.astype(dt)
     out = grouped_attention(
         x_b, x_b, v_l.reshape(nb, window, -1), pos, pos, seg,
         jnp.where(seg < num_clusters, seg, -1), offsets=(-1, 0) if causal else (-1, 0, 1),

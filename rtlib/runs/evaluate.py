@@ -74,7 +74,6 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
     return out
 
 
-
 def _scores(model: RoutingTransformer, routing: RoutingState,
             tokens: Int[Array, "rows seq_plus_one"], mask: Bool[Array, "rows seq_plus_one"] | None
             ) -> tuple[Float[Array, "rows seq"], Bool[Array, "rows seq"]]:

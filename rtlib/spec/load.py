@@ -45,8 +45,6 @@ def _safe_load_unique(text: str) -> Any:
         loader.dispose()
 
 
-
-
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     """Read a YAML spec, apply `dotted.key=value` overrides (values parsed as YAML), validate.
 

@@ -41,7 +41,8 @@ class LocalHeads(Strict):
 
     kind: Literal["local"] = Field(description="Head kind tag: `local`.")
     count: int = Field(ge=0, le=MAX_HEADS, description="Number of local heads in each layer.")
-    window: int = Field(ge=1, le=MAX_SEQ_LEN, description="Block size B: queries attend within their block and "
+    window: int = Field(ge=1, le=MAX_SEQ_LEN,
+        description="Block size B: queries attend within their block and "
                         "`look_back` previous blocks. The sequence length must be a multiple.")
     look_back: int = Field(1, ge=0, description="Previous blocks each query block also sees.")
     look_ahead: int | None = Field(None, ge=0, description="Next blocks each query block also "
@@ -54,7 +55,8 @@ class RoutingHeads(Strict):
     kind: Literal["routing"] = Field(description="Head kind tag: `routing`.")
     count: int = Field(ge=0, le=MAX_HEADS, description="Number of routing heads in each layer.")
     clusters: int = Field(ge=1, le=MAX_CLUSTERS, description="Number of centroids K per head.")
-    window: int = Field(ge=1, le=MAX_SEQ_LEN, description="Cluster size W: tokens per cluster (balanced) or the "
+    window: int = Field(ge=1, le=MAX_SEQ_LEN,
+        description="Cluster size W: tokens per cluster (balanced) or the "
                         "number of most recent same-cluster tokens a query sees (causal).")
     assignment: Literal["balanced", "causal"] = Field(
         "balanced", description="`balanced`: every centroid takes its top-W tokens (the paper). "
@@ -77,7 +79,8 @@ class FullHeads(Strict):
     """Dense heads: every query sees every (earlier, in a decoder) token. O(n^2)."""
 
     kind: Literal["full"] = Field(description="Head kind tag: `full`.")
-    count: int = Field(ge=0, le=MAX_HEADS, description="Number of full-attention heads in each layer.")
+    count: int = Field(ge=0, le=MAX_HEADS,
+        description="Number of full-attention heads in each layer.")
 
 
 HeadGroup = Annotated[LocalHeads | RoutingHeads | FullHeads, Field(discriminator="kind")]
@@ -99,7 +102,8 @@ class HeadCounts(Strict):
 class AttentionSpec(Strict):
     """The heads of every layer."""
 
-    head_dim: int | None = Field(None, ge=1, le=MAX_WIDTH, description="Per-head dimension; default "
+    head_dim: int | None = Field(None, ge=1, le=MAX_WIDTH,
+        description="Per-head dimension; default "
                                  "d_model / heads per layer (which must divide).")
     heads: list[HeadGroup] = Field(min_length=1, description="One entry per head kind used "
                                    "(`kind: local | routing | full`) with its settings and "
@@ -144,7 +148,8 @@ class FeedForwardSpec(Strict):
 class EmbeddingSpec(Strict):
     """Token embedding, positions and output projection."""
 
-    dim: int | None = Field(None, ge=1, le=MAX_WIDTH, description="Factorised embedding width (then a dense "
+    dim: int | None = Field(None, ge=1, le=MAX_WIDTH,
+        description="Factorised embedding width (then a dense "
                             "projection to d_model); default d_model (no factorisation).")
     positions: Literal["rotary", "learned", "none"] = Field(
         "rotary", description="Rotary on local/full-head q and k, learned absolute embeddings, "
@@ -287,7 +292,8 @@ class TrainSpec(Strict):
 
     steps: int = Field(1000, ge=0, description="Optimiser steps in the whole run (a resumed run "
                        "continues up to this step).")
-    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Sequences per optimiser step (global, over "
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH,
+        description="Sequences per optimiser step (global, over "
                             "all processes).")
     micro_batches: int = Field(1, ge=1, description="Split each batch into this many "
                                "micro-batches (gradient accumulation); routing statistics are "
@@ -313,6 +319,10 @@ class TrainSpec(Strict):
                                 "or learned positions).")
     clip_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm; "
                                     "null: no clipping.")
+    max_update_ratio: float | None = Field(
+        1.0, gt=0, description="Divergence guard: a step whose update moves the parameters by "
+        "more than this times their norm stops the run (exit 3) unsaved; healthy steps measure "
+        "about 1e-3 to 0.5 (logged as `update_ratio`). null: only non-finite values stop it.")
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of matmuls and activations; parameters, optimiser state "
         "and routing math stay float32.")

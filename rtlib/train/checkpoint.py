@@ -86,12 +86,17 @@ class Checkpointer:
         `<step>-2`, ... if taken) so that it is no longer resumed from; returns where it went.
         Only one process may call it."""
         root = self.directory.parent / "diverged"
-        root.mkdir(exist_ok=True)
         target, n = root / str(step), 1
-        while target.exists():
-            n += 1
-            target = root / f"{step}-{n}"
-        shutil.move(self.directory / str(step), target)
+        try:
+            root.mkdir(exist_ok=True)
+            while target.exists():
+                n += 1
+                target = root / f"{step}-{n}"
+            shutil.move(self.directory / str(step), target)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {step} of {self.directory} failed the health check "
+                                  f"but could not be moved to {root} ({e.strerror or e}): move "
+                                  "it aside by hand before resuming") from None
         self.manager.reload()
         return target
 

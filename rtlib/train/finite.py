@@ -9,11 +9,11 @@ Two kinds of evidence, each pointing at a different state:
   `RUN_DIR/diverged/` (otherwise rerunning with a lower learning rate would resume from it and
   fail again at once, forever).
 * The parameters after step `t` itself: they must be finite, and the update must not have moved
-  them by more than `MAX_UPDATE_RATIO` times their own norm (`||update|| / ||params||`, the
-  global L2 norms, before the update). Healthy training moves them by about 1e-3 to 1e-1 of
-  that per step (Adam's per-parameter step is about the learning rate); a step that moves the
-  weights by more than their whole size no longer refines them, it replaces them with numbers
-  that only then overflow. Such a state is never saved.
+  them by more than `train.max_update_ratio` (default 1) times their own norm
+  (`||update|| / ||params||`, the global L2 norms, before the update). Healthy training moves
+  them by about 1e-3 to 0.5 of that per step (Adam's per-parameter step is about the learning
+  rate); a step that moves the weights by more than their whole size no longer refines them, it
+  replaces them with numbers that only then overflow. Such a state is never saved.
 
 So every checkpoint on disk passed the check on its own update, and the one just before a
 non-finite step is set aside: the newest checkpoint left is what the user resumes from after
@@ -25,11 +25,12 @@ import math
 from rtlib.errors import NonFiniteLoss
 from rtlib.train.checkpoint import Checkpointer
 
-MAX_UPDATE_RATIO = 1.0  # largest ||update|| / ||params|| one step may take
+MAX_UPDATE_RATIO = 1.0  # default of train.max_update_ratio: largest ||update|| / ||params||
 
 
 def check_finite(loss: float, grad_norm: float, *, step: int, checkpointer: Checkpointer,
                  param_norm: float | None = None, update_ratio: float | None = None,
+                 max_update_ratio: float | None = MAX_UPDATE_RATIO,
                  primary: bool = True) -> None:
     """Raise `NonFiniteLoss` (naming the quantity, the step and the newest good checkpoint)
     unless the loss and gradient norm of `step` are finite, and the parameters after it are
@@ -44,10 +45,11 @@ def check_finite(loss: float, grad_norm: float, *, step: int, checkpointer: Chec
             bad = step - 1
     elif param_norm is not None and not math.isfinite(param_norm):
         problem = f"non-finite parameters after step {step} (parameter norm {param_norm})"
-    elif update_ratio is not None and not update_ratio <= MAX_UPDATE_RATIO:
+    elif (update_ratio is not None and max_update_ratio is not None
+          and not update_ratio <= max_update_ratio):
         problem = (f"training diverged at step {step}: its update moved the parameters by "
-                   f"{update_ratio:.3g} times their norm (more than {MAX_UPDATE_RATIO:g}; "
-                   f"parameter norm now {param_norm:.3g})")
+                   f"{update_ratio:.3g} times their norm (more than train.max_update_ratio="
+                   f"{max_update_ratio:g}; parameter norm now {param_norm:.3g})")
     else:
         return
     kept = [s for s in checkpointer.steps() if s != bad]

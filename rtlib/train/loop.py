@@ -62,11 +62,9 @@ def train(spec: Spec, *, progress: bool = True, print_fn: Callable[..., None] = 
     # Before anything is allocated: an asynchronously dispatched initialisation that cannot fit
     # would otherwise sit at 0% CPU instead of failing. A floor (perfectly sharded over the
     # processes), so only specs that cannot fit anywhere are refused.
-    check_fits(training_bytes(spec.model, spec.train.batch_size, spec.train.micro_batches)
-               // jax.process_count(), "training this spec (parameters, gradients, optimiser "
-               "state and one micro-batch of activations)", "model.n_layers, model.d_model, "
-               "model.feed_forward.hidden, model.seq_len or train.batch_size (or set "
-               "train.micro_batches / model.remat)")
+    check_fits(training_bytes(spec.model) // jax.process_count(), "training this spec "
+               "(float32 parameters, gradients and optimiser state, before any activation)",
+               "model.n_layers, model.d_model, model.feed_forward.hidden or model.vocab_size")
     primary = jax.process_index() == 0
     say = print_fn if primary else _silent
     with start_or_resume(spec, parallel.make_mesh(spec, devices), primary=primary, say=say,

@@ -5,7 +5,8 @@ lines also have `"split": "valid"`, and the closing sample is a `"split": "sampl
 its `text`. The writer appends and flushes line by line, so a killed process leaves at
 most one torn last line; a resumed run first drops the lines past its checkpoint (they are
 about to be written again). The reader skips whatever is not a whole line with a step.
-Deliberately free of jax: plotting and studies read it without starting an accelerator.
+It imports no jax itself, so its functions never start an accelerator (importing it still
+imports the `rtlib` package).
 """
 
 import json

@@ -79,24 +79,34 @@ class RunLock:
                     f"stop it, or use another run.dir") from None
             return (f"note: cannot lock {self.path} ({e.strerror}): a second trainer on this "
                     "run directory would not be noticed")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self.fd = fd
+        try:  # who holds it, for the message a second trainer gets; the lock is what counts
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass
         return None
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            finally:
+                os.close(self.fd)  # closing drops the flock
+                self.fd = None
 
 
 def write_spec(run_dir: Path, spec: Spec) -> None:
     path = run_dir / SPEC_FILE
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(f"# Resolved spec of this run (written by rtlib train).\n"
-                   f"{yaml.safe_dump(spec.model_dump(mode='json'), sort_keys=False)}")
-    tmp.replace(path)
+    try:
+        tmp.write_text(f"# Resolved spec of this run (written by rtlib train).\n"
+                       f"{yaml.safe_dump(spec.model_dump(mode='json'), sort_keys=False)}")
+        tmp.replace(path)
+    except OSError as e:
+        raise RunError(f"{path}: cannot write the run's spec ({e.strerror or e})") from None
 
 
 def fresh_state(spec: Spec) -> TrainState:

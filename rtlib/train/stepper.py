@@ -70,7 +70,7 @@ class Stepper:
         loss, grad_norm = health["loss"], health["grad_norm"]
         check_finite(loss, grad_norm, step=step, checkpointer=s.checkpointer,
                      param_norm=health["param_norm"], update_ratio=health["update_ratio"],
-                     primary=s.primary)
+                     max_update_ratio=s.spec.train.max_update_ratio, primary=s.primary)
         seconds = time.perf_counter() - t0
         s.tokens_seen += self.tokens_per_step
         return StepOutcome(step=step, metrics=metrics, loss=loss, grad_norm=grad_norm,

@@ -2,7 +2,8 @@
 
 Adding a kind: a module here with an `AttentionHeads` subclass (`from_spec`, `__call__`,
 `prefill`, `decode`, its own cache type), a line in `HEAD_KINDS`, and the kind in the spec
-schema (`rtlib/spec/schema.py`: its head group and its field of `HeadCounts`).
+schema (`rtlib/spec/schema.py`: its head group, its field of `HeadCounts`, and its place in
+that module's `HEAD_KINDS` order, which must match this one).
 """
 
 from rtlib.nn.cache import DecodingCache, RingCache
