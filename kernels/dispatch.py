@@ -133,19 +133,19 @@ def choose(
     "name/variant", tried in the table's order before the plain name when that name is a
     candidate; names missing from it have no kernel for this op.
     """
-    reasons = []
+    skipped: list[tuple[str, str, str]] = []  # (implementation, key, reason)
     for name in candidates(implementation):
         keys = [k for k in unsupported if k.split("/")[0] == name] or [name]
         for key in keys:
             check = unsupported.get(key)
             reason = f"{op} has no {name} implementation" if check is None else check()
             if reason is None:
-                for skipped in reasons:
-                    if skipped.split(":")[0].split("/")[0] == key.split("/")[0]:
-                        # a variant of the implementation that runs: not a fallback
-                        log.info("%s: skipping %s", op, skipped)
+                for other, other_key, why in skipped:
+                    if other == name:  # a variant of the implementation that runs: no fallback
+                        log.info("%s: skipping %s: %s", op, other_key, why)
                     else:
-                        _warn_once(f"{op}: skipping {skipped}")
+                        _warn_once(f"{op}: skipping {other_key}: {why}")
                 return key
-            reasons.append(f"{key}: {reason}")
-    raise KernelUnavailable(f"{op}: no requested implementation can run: " + "; ".join(reasons))
+            skipped.append((name, key, reason))
+    raise KernelUnavailable(f"{op}: no requested implementation can run: "
+                            + "; ".join(f"{key}: {why}" for _, key, why in skipped))

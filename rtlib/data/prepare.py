@@ -11,11 +11,10 @@ from rtlib.data.store import (
     FORMAT,
     SPLITS,
     VERSION,
-    StoreError,
     begin_write,
     check_target,
     finish_write,
-    is_intact,
+    keep_existing,
     open_kvstore,
     split_array,
     wait,
@@ -94,14 +93,10 @@ def prepare(source: str, out: str, *, kind: str = "auto", glob: str | None = Non
                               f"add documents, change --seed or {fix}")
     digest = _digest(contents)
     settings = {"valid": valid, "test": test, "seed": seed, "by": "document"}
-    if old is not None and not force:
-        if old.get("source", {}).get("sha256") == digest and old.get("split") == settings:
-            if is_intact(out):
-                return old  # already prepared from exactly this: nothing to do
-            # the same store, damaged (e.g. a chunk lost): writing it again loses nothing
-        else:
-            raise StoreError(f"{out}: a token store from another source or split is already "
-                             "there; pass --force to replace it")
+    same = old is not None and old.get("source", {}).get("sha256") == digest and \
+        old.get("split") == settings
+    if (kept := keep_existing(out, old, same=same, force=force, what="source or split")):
+        return kept  # already prepared from exactly this: nothing to do
     # From here on the old store (if any) is gone: its manifest goes first, so an interrupted
     # write leaves no manifest and is never read as complete.
     begin_write(out, kv)

@@ -194,6 +194,20 @@ def finish_write(location: str, kv: ts.KvStore, manifest: dict) -> None:
          f"write {MANIFEST}")
 
 
+def keep_existing(location: str, old: dict | None, *, same: bool, force: bool,
+                  what: str) -> dict | None:
+    """Before (re)writing a store: the existing manifest `old` to return as it is (an intact
+    store made from the same input, `same`), or None to write. A different store is refused
+    unless `force`; the same store, damaged (e.g. a chunk lost), is written again (nothing of
+    it is lost)."""
+    if old is None or force:
+        return None
+    if not same:
+        raise StoreError(f"{location}: a token store from another {what} is already there; "
+                         "pass --force to replace it")
+    return old if is_intact(location) else None
+
+
 def is_intact(location: str) -> bool:
     """Whether the store at `location` opens (manifest, array sizes, every chunk present)."""
     try:

@@ -33,11 +33,10 @@ from rtlib.data.store import (
     FORMAT,
     SPLITS,
     VERSION,
-    StoreError,
     begin_write,
     check_target,
     finish_write,
-    is_intact,
+    keep_existing,
     open_kvstore,
     split_array,
     wait,
@@ -170,13 +169,10 @@ def synth(task: str, out: str, options: SynthOptions = SynthOptions(), *, force:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     kv = open_kvstore(out)
     old = check_target(out, kv, force=force)
-    if old is not None and not force:
-        if old.get("source", {}).get("sha256") != digest:
-            raise StoreError(f"{out}: a token store from another source or settings is already "
-                             "there; pass --force to replace it")
-        if is_intact(out):
-            return old
-        # the same store, damaged (e.g. a chunk lost): writing it again loses nothing
+    same = old is not None and old.get("source", {}).get("sha256") == digest
+    if (kept := keep_existing(out, old, same=same, force=force,
+                              what="source or settings")):
+        return kept
     begin_write(out, kv)  # an interrupted write leaves no manifest
     counts = {"train": options.train, "valid": options.valid, "test": options.test}
     L = options.length

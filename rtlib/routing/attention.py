@@ -156,11 +156,12 @@ def _backend(implementation, *, assignment, same_routing, n, window, dim, vdim, 
                           {splash_tpu.NAME: lambda: splash_tpu.unsupported(call)})
 
 
-def _operands(backend: Backend, v: Array):
-    """The dtype q and k enter the attention in: kernels take them in v's dtype; the XLA
-    reference computes in float32 anyway, so it keeps the normalised float32 values (and takes
-    v in float32 too: its outputs are then float32, as rtlib's XLA path always gave)."""
-    return jnp.float32 if backend.name == "xla" else v.dtype
+def _operands(backend: Backend, q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+    """q, k, v as the grouped op takes them: kernels take the normalised q and k in v's dtype;
+    the XLA reference computes in float32 anyway, so it keeps float32 q and k and takes v in
+    float32 too (its outputs are then float32, unrounded, as rtlib's XLA path always gave)."""
+    dt = jnp.float32 if backend.name == "xla" else v.dtype
+    return q.astype(dt), k.astype(dt), v.astype(dt)
 
 
 def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scale, self_mask,
@@ -171,11 +172,8 @@ def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, sc
     qi = balanced_members(s_q, q_valid, window)  # [K, W] positions
     ki = qi if same_routing else balanced_members(s_k, k_valid, window)
     k_seg = jnp.where(k_valid[ki], 0, -1)
-    dt = _operands(backend, v)
-    # XLA: v in float32 too, so the cluster outputs are averaged unrounded (as they always were)
-    vk = v[ki] if backend.name != "xla" else v[ki].astype(jnp.float32)
     out_c = grouped_attention(
-        q_hat[qi].astype(dt), k_hat[ki].astype(dt), vk, qi, ki, jnp.zeros_like(qi), k_seg,
+        *_operands(backend, q_hat[qi], k_hat[ki], v[ki]), qi, ki, jnp.zeros_like(qi), k_seg,
         causal=causal, self_mask=self_mask, scale=scale, aligned=aligned, implementation=backend,
     ).astype(jnp.float32)
     flat = qi.reshape(-1)
@@ -272,12 +270,10 @@ def _aligned_grouped(x_l, v_l, seg, *, window, causal, scale, self_mask, num_clu
     nb = x_l.shape[0] // window
     pos = jnp.arange(nb * window, dtype=jnp.int32).reshape(nb, window)
     seg = seg.reshape(nb, window)
-    dt = _operands(backend, v_l)
-    x_b = x_l.reshape(nb, window, -1).astype(dt)
-    if backend.name == "xla":  # float32 output, unrounded before the caller's where (as before)
-        v_l = v_l.astype(dt)
+    x_b = x_l.reshape(nb, window, -1)
+    q, k, v = _operands(backend, x_b, x_b, v_l.reshape(nb, window, -1))
     out = grouped_attention(
-        x_b, x_b, v_l.reshape(nb, window, -1), pos, pos, seg,
+        q, k, v, pos, pos, seg,
         jnp.where(seg < num_clusters, seg, -1), offsets=(-1, 0) if causal else (-1, 0, 1),
         causal=causal, span=window, self_mask=self_mask, scale=scale, implementation=backend,
     )

@@ -14,7 +14,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from kernels.dispatch import candidates
 from rtlib.nn.cache import DecodingCache
-from rtlib.nn.layers import rotary
+from rtlib.nn.layers import rotary as apply_rotary
 from rtlib.spec.schema import ModelSpec
 
 BSHD = P("batch", None, "heads", None)  # logical layout of q, k, v and outputs
@@ -33,6 +33,7 @@ class AttentionHeads(eqx.Module):
     count: eqx.AbstractVar[int]
     head_dim: eqx.AbstractVar[int]
     causal: eqx.AbstractVar[bool]
+    rotary: eqx.AbstractVar[bool]
 
     @classmethod
     @abc.abstractmethod
@@ -43,17 +44,13 @@ class AttentionHeads(eqx.Module):
     def own_keys(self) -> bool:
         return True
 
-    @property
-    def rotary(self) -> bool:
-        return False
-
     def positions(self, q: Array, k: Array | None,
                   offset: Int[Array, ""] | int) -> tuple[Array, Array]:
         """q and k with positions applied (positions start at `offset`); without own keys,
         k is the (rotated) queries."""
         if self.rotary:
-            q = rotary(q, offset)
-            k = None if k is None else rotary(k, offset)
+            q = apply_rotary(q, offset)
+            k = None if k is None else apply_rotary(k, offset)
         return q, (q if k is None else k)
 
     @abc.abstractmethod
@@ -80,6 +77,12 @@ class AttentionHeads(eqx.Module):
                v: Float[Array, "batch heads vdim"], state: Array | None, cache: DecodingCache,
                pos: Int[Array, ""]) -> tuple[Float[Array, "batch heads vdim"], DecodingCache]:
         """One new token at position `pos` (all earlier ones are in `cache`)."""
+
+
+def implementation_of(spec: ModelSpec) -> str | tuple[str, ...] | None:
+    """`attention.implementation` as a hashable static value (None, a name or a tuple)."""
+    impl = spec.attention.implementation
+    return tuple(impl) if isinstance(impl, list) else impl
 
 
 def checks_vma(implementation: str | tuple[str, ...] | None) -> bool:

@@ -17,16 +17,12 @@ class FullAttentionHeads(AttentionHeads):
     count: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
-    use_rotary: bool = eqx.field(static=True)
+    rotary: bool = eqx.field(static=True)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, count: int) -> "FullAttentionHeads":
         return cls(count=count, head_dim=spec.head_dim, causal=spec.causal,
-                   use_rotary=spec.embedding.positions == "rotary")
-
-    @property
-    def rotary(self) -> bool:
-        return self.use_rotary
+                   rotary=spec.embedding.positions == "rotary")
 
     def __call__(self, q, k, v, state, *, mask):
         out = per_device(

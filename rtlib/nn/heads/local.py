@@ -9,7 +9,7 @@ from jaxtyping import Array, Int
 
 from rtlib.attention import local_attention
 from rtlib.nn.cache import RingCache, attend_buffer
-from rtlib.nn.heads.base import BS, BSHD, AttentionHeads, checks_vma
+from rtlib.nn.heads.base import BS, BSHD, AttentionHeads, checks_vma, implementation_of
 from rtlib.parallel.context import per_device
 from rtlib.spec.schema import ModelSpec
 
@@ -22,23 +22,17 @@ class LocalAttentionHeads(AttentionHeads):
     window: int = eqx.field(static=True)
     look_back: int = eqx.field(static=True)
     look_ahead: int | None = eqx.field(static=True)
-    use_rotary: bool = eqx.field(static=True)
+    rotary: bool = eqx.field(static=True)
     implementation: str | tuple[str, ...] | None = eqx.field(static=True)
     interpret: bool = eqx.field(static=True)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, count: int) -> "LocalAttentionHeads":
         cfg = spec.group("local")
-        impl = spec.attention.implementation
         return cls(count=count, head_dim=spec.head_dim, causal=spec.causal, window=cfg.window,
                    look_back=cfg.look_back, look_ahead=cfg.look_ahead,
-                   use_rotary=spec.embedding.positions == "rotary",
-                   implementation=tuple(impl) if isinstance(impl, list) else impl,
-                   interpret=spec.attention.interpret)
-
-    @property
-    def rotary(self) -> bool:
-        return self.use_rotary
+                   rotary=spec.embedding.positions == "rotary",
+                   implementation=implementation_of(spec), interpret=spec.attention.interpret)
 
     def __call__(self, q, k, v, state, *, mask):
         local = functools.partial(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from rtlib.nn.heads.base import BS, BSHD, AttentionHeads, checks_vma
+from rtlib.nn.heads.base import BS, BSHD, AttentionHeads, checks_vma, implementation_of
 from rtlib.nn.heads.routing_cache import BalancedCache, ClusterCache
 from rtlib.parallel.context import per_device, psum
 from rtlib.routing import RoutingStats, kmeans_init, normalize, routing_attention
@@ -28,10 +28,8 @@ class RoutingAttentionHeads(AttentionHeads):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, count: int) -> "RoutingAttentionHeads":
-        impl = spec.attention.implementation
         return cls(count=count, head_dim=spec.head_dim, causal=spec.causal,
-                   config=spec.group("routing"),
-                   implementation=tuple(impl) if isinstance(impl, list) else impl,
+                   config=spec.group("routing"), implementation=implementation_of(spec),
                    interpret=spec.attention.interpret)
 
     @property
