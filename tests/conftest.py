@@ -3,6 +3,9 @@ from pathlib import Path
 
 # Fake CPU devices must be configured before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CLI caches compiled programs on disk by default; tests stay hermetic (test_cli_cache
+# turns it on in a subprocess with its own directory).
+os.environ["RTLIB_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

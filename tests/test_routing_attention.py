@@ -112,6 +112,29 @@ def test_causal_assignment_past_outputs_ignore_the_future_bit_for_bit(getkey, sh
         assert not bool(jnp.array_equal(base[:, t + 1 :], changed[:, t + 1 :]))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_assignment_in_blocks_of_a_quarter_window(getkey, causal):
+    """From MIN_SPLIT_WINDOW up the XLA path lays clusters out in blocks of W / 4 with several
+    key blocks per query block: same values as the oracle, and still bit-exact causality."""
+    from rtlib.routing.attention import MIN_SPLIT_WINDOW
+
+    n, window, clusters = 192, MIN_SPLIT_WINDOW, 3
+    ks = jax.random.split(getkey(), 5)
+    q, v = (jax.random.normal(kk, (1, n, H, D)) for kk in ks[:2])
+    mu = normalize(jax.random.normal(ks[2], (H, clusters, D)), "layernorm")
+    kw = dict(window=window, assignment="causal", causal=causal)
+    f = jax.jit(lambda q, v: routing_attention(q, None, v, mu, **kw)[0])
+    base = f(q, v)
+    assert max_abs(base, routing_attention_dense(q, None, v, mu, **kw)) < 1e-5
+    if causal:
+        t = 100
+        future = (jnp.arange(n) > t)[None, :, None, None]
+        new = [jnp.where(future, jax.random.normal(kk, q.shape), x) for kk, x in zip(ks[3:], (q, v))]
+        changed = f(*new)
+        assert bool(jnp.array_equal(base[:, : t + 1], changed[:, : t + 1]))
+        assert not bool(jnp.array_equal(base[:, t + 1 :], changed[:, t + 1 :]))
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_balanced_gradients_from_future_inputs_are_exactly_zero(getkey, shared):
     q, k, v, mu = make_inputs(getkey())

@@ -2,18 +2,22 @@
 """CPU benchmarks: attention scaling, the bench-4k training step, and the PyTorch peer.
 
     python tools/bench.py [--out bench-out] [--lengths 1024,2048,...,65536] [--steps 10]
-                          [--skip-peer] [--parts attention,train,peer]
+                          [--train-lengths 4096,16384,32768] [--parts attention,train,peer]
 
 (a) attention: one layer's forward + backward (8 heads of 64, batch 1) against sequence length
     for routing-balanced, routing-causal (cluster size 128, n / 128 clusters, shared QK), local
     (blocks of 128, one block of look-back) and dense causal `jax.nn.dot_product_attention`;
     median wall time, peak RSS, and the exponent of time in n fitted from 4k up;
-(b) train: the training step of specs/bench-4k.yaml (tokens/s, peak RSS);
-(c) peer: lucidrains' routing-transformer 1.6.1 at the same configuration
-    (`pip install -e ".[bench]"`), and the ratio to (b).
+(b) train: the training step of specs/bench-4k.yaml at each of --train-lengths
+    (`model.seq_len` n, n / 128 clusters): tokens/s, peak RSS, and the step's f32 matmul floor
+    (its dense-product FLOPs, forward and backward, over the GFLOP/s of a [4096, 512] x
+    [512, 2048] float32 product measured in the same process);
+(c) peer: lucidrains' routing-transformer 1.6.1 at the same configuration and length
+    (`max_seq_len=n`; `pip install -e ".[bench]"`), right after (b) at each length.
 
 Every measurement runs in its own process, so each peak RSS is that measurement's alone. Prints
-one JSON object to stdout; writes results.json, results.md and scaling.png to --out. Dense
+one JSON object to stdout; writes results.json, results.md, scaling.png and
+train-lengths.png to --out. Dense
 attention whose logits would not fit in memory runs query-chunked (the same FLOPs, logits one
 chunk at a time) and is marked so.
 """
@@ -111,19 +115,39 @@ def worker_attention(kind: str, n: int) -> dict:
             "chunked": chunked}
 
 
-def worker_train(steps: int) -> dict:
+def length_overrides(n: int) -> list[str]:
+    """bench-4k at sequence length n: one cluster per 128 tokens, as the peer's
+    `max_seq_len / window_size`."""
+    return [f"model.seq_len={n}", f"model.attention.heads.0.clusters={max(n // WINDOW, 1)}"]
+
+
+def matmul_gflops(seconds: float = 2.0) -> float:
+    """GFLOP/s of a representative float32 product of the step, [4096, 512] x [512, 2048]
+    (the feed-forward's), by XLA on this machine now."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(1), (4096, 512), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (512, 2048), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2 * 4096 * 512 * 2048 / _time(lambda: f(a, b).block_until_ready(),
+                                         min_seconds=seconds) / 1e9
+
+
+def worker_train(steps: int, n: int = 4096) -> dict:
     import jax
     import numpy as np
 
+    from rtlib.costs import estimate_costs
     from rtlib.parallel import single_device_mesh
     from rtlib.spec import load_spec
     from rtlib.train.step import init_sharded, train_step_for
 
-    spec = load_spec(ROOT / "specs" / "bench-4k.yaml", ["mesh.data=1"])
+    spec = load_spec(ROOT / "specs" / "bench-4k.yaml", ["mesh.data=1", *length_overrides(n)])
     mesh = single_device_mesh()
     ts = init_sharded(spec, mesh, key=jax.random.key(0))
     step = train_step_for(spec, mesh)
-    b, n = spec.train.batch_size, spec.model.seq_len
+    b = spec.train.batch_size
     rng = np.random.default_rng(0)
     batches = [jax.device_put(rng.integers(0, 256, (b, n + 1)).astype(np.int32))
                for _ in range(2)]
@@ -139,21 +163,27 @@ def worker_train(steps: int) -> dict:
         times.append(time.perf_counter() - t)
     times.sort()
     seconds = times[len(times) // 2]
-    return {"part": "train", "impl": "rtlib", "s_per_step": seconds, "tokens_per_s": b * n /
-            seconds, "compile_s": compile_s, "peak_rss_mb": _rss_mb(),
-            "loss": float(m["loss"])}
+    # The floor: the step's dense products (projections, feed-forward, output; forward and
+    # the two backward products, so 3x the forward's) at the measured product speed.
+    dense_flops = 3 * estimate_costs(spec.model).flops_per_token["rest"] * b * n
+    gflops = matmul_gflops()
+    return {"part": "train", "impl": "rtlib", "n": n, "s_per_step": seconds,
+            "tokens_per_s": b * n / seconds, "compile_s": compile_s,
+            "peak_rss_mb": _rss_mb(), "loss": float(m["loss"]),
+            "dense_gflop": dense_flops / 1e9, "matmul_gflops": gflops,
+            "floor_s": dense_flops / 1e9 / gflops}
 
 
-def worker_peer(steps: int) -> dict:
+def worker_peer(steps: int, n: int = 4096) -> dict:
     import torch
     from routing_transformer import RoutingTransformerLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model = RoutingTransformerLM(num_tokens=256, dim=512, depth=2, heads=8, window_size=128,
-                                 max_seq_len=4096, causal=True)
+                                 max_seq_len=n, causal=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    data = torch.randint(0, 256, (2, 1, 4097))
+    data = torch.randint(0, 256, (2, 1, n + 1))
     times = []
     for i in range(steps + 1):
         x = data[i % 2]
@@ -169,7 +199,7 @@ def worker_peer(steps: int) -> dict:
     times = sorted(times[1:])  # the first step allocates and warms up
     seconds = times[len(times) // 2]
     return {"part": "peer", "impl": f"routing-transformer (torch {torch.__version__})",
-            "s_per_step": seconds, "tokens_per_s": 4096 / seconds,
+            "n": n, "s_per_step": seconds, "tokens_per_s": n / seconds,
             "peak_rss_mb": _rss_mb(), "loss": float(loss)}
 
 
@@ -226,20 +256,75 @@ def _markdown(results: dict) -> str:
         for key, value in results.get("speedups", {}).items():
             out.append(f"\n{key}: {value}")
         out.append("")
-    rows = [results[k] for k in ("train", "peer") if k in results]
-    if rows:
-        out += ["### Training step, bench-4k (batch 1 x 4,096 tokens)", "",
-                "| implementation | s/step | tokens/s | peak RSS MB |", "|---|---|---|---|"]
-        for r in rows:
-            if "error" in r:
-                out.append(f"| {r.get('impl', '?')} | {r['error']} | | |")
-            else:
-                out.append(f"| {r['impl']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} "
-                           f"| {r['peak_rss_mb']:,.0f} |")
-        if "ratio" in results:
-            out.append(f"\nrtlib / peer tokens/s: {results['ratio']['tokens_per_s']:.2f}x; "
-                       f"peak RSS: {results['ratio']['peak_rss']:.2f}x")
+    ratios = results.get("ratios", [])
+    if ratios:
+        out += ["### Training step of bench-4k against sequence length (batch 1, one process "
+                "per point)", "",
+                "| n | rtlib tok/s | peer tok/s | tok/s ratio | rtlib RSS MB | peer RSS MB "
+                "| RSS ratio | rtlib s/step | f32 matmul floor s | step / floor |",
+                "|---" * 10 + "|"]
+        for r in ratios:
+            out.append("| " + " | ".join(_cell(r.get(k), f) for k, f in (
+                ("n", ",.0f"), ("rtlib_tokens_per_s", ",.0f"), ("peer_tokens_per_s", ",.0f"),
+                ("tokens_ratio", ".2f"), ("rtlib_rss_mb", ",.0f"), ("peer_rss_mb", ",.0f"),
+                ("rss_ratio", ".2f"), ("rtlib_s_per_step", ".3f"), ("floor_s", ".3f"),
+                ("step_over_floor", ".2f"))) + " |")
+        errors = [f"{r['impl']} n={r['n']}: {r['error']}" for r in results.get("train", [])
+                  if "error" in r]
+        out += [""] + [f"- {e}" for e in errors]
     return "\n".join(out) + "\n"
+
+
+def _cell(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def train_ratios(rows: list[dict]) -> list[dict]:
+    """Per length: both sides' figures, rtlib / peer ratios, and rtlib's step against its f32
+    matmul floor (what is missing stays None)."""
+    out = []
+    for n in sorted({r["n"] for r in rows}):
+        mine = next((r for r in rows if r["n"] == n and r["impl"] == "rtlib"
+                     and "error" not in r), None)
+        peer = next((r for r in rows if r["n"] == n and r["impl"] != "rtlib"
+                     and "error" not in r), None)
+        row = {"n": n}
+        if mine:
+            row.update(rtlib_tokens_per_s=mine["tokens_per_s"], rtlib_rss_mb=mine["peak_rss_mb"],
+                       rtlib_s_per_step=mine["s_per_step"], floor_s=mine["floor_s"],
+                       step_over_floor=mine["s_per_step"] / mine["floor_s"])
+        if peer:
+            row.update(peer_tokens_per_s=peer["tokens_per_s"], peer_rss_mb=peer["peak_rss_mb"])
+        if mine and peer:
+            row.update(tokens_ratio=mine["tokens_per_s"] / peer["tokens_per_s"],
+                       rss_ratio=mine["peak_rss_mb"] / peer["peak_rss_mb"])
+        out.append(row)
+    return out
+
+
+def _plot_train(ratios: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key, label in (("rtlib_tokens_per_s", "rtlib"), ("peer_tokens_per_s",
+                                                         "routing-transformer (PyTorch)")):
+        pts = [(r["n"], r[key]) for r in ratios if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    floor = [(r["n"], r["n"] / r["floor_s"]) for r in ratios if r.get("floor_s")]
+    if floor:
+        ax.plot(*zip(*floor, strict=True), ls="--", color="grey", label="rtlib f32 matmul floor")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length n")
+    ax.set_ylabel("training tokens/s")
+    ax.set_title("bench-4k training step, batch 1, 2 CPU cores")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -274,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-max", type=int, default=32768, help="longest sequence for "
                         "dense attention (its time grows as n^2; timings in docs/performance.md)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--train-lengths", default="4096,16384,32768",
+                        help="sequence lengths of the training-step comparison")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -282,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         if what == "attention":
             result = worker_attention(args.worker[1], int(args.worker[2]))
         elif what == "train":
-            result = worker_train(int(args.worker[1]))
+            result = worker_train(int(args.worker[1]), int(args.worker[2]))
         else:
-            result = worker_peer(int(args.worker[1]))
+            result = worker_peer(int(args.worker[1]), int(args.worker[2]))
         print(json.dumps(result))
         return 0
 
@@ -322,27 +409,30 @@ def main(argv: list[str] | None = None) -> int:
                 if dense and r:
                     speed[f"dense / {kind} at n={n}"] = f"{dense['ms'] / r['ms']:.1f}x"
         results["speedups"] = speed
-    if "train" in parts:
-        results["train"] = {"impl": "rtlib", **_run_worker(["train", str(args.steps)],
-                                                           args.timeout)}
-        log(f"train rtlib: {results['train']}")
-    if "peer" in parts:
-        results["peer"] = {"impl": "routing-transformer", **_run_worker(
-            ["peer", str(args.steps)], args.timeout)}
-        log(f"train peer: {results['peer']}")
-    t, p = results.get("train", {}), results.get("peer", {})
-    if "tokens_per_s" in t and "tokens_per_s" in p:
-        results["ratio"] = {"tokens_per_s": t["tokens_per_s"] / p["tokens_per_s"],
-                            "peak_rss": t["peak_rss_mb"] / p["peak_rss_mb"]}
+    rows = []
+    for n in [int(x) for x in args.train_lengths.split(",")]:
+        # Side by side at each length, each in its own process: rtlib, then the peer.
+        for part, impl in (("train", "rtlib"), ("peer", "routing-transformer")):
+            if part not in parts:
+                continue
+            r = {"impl": impl, "n": n, **_run_worker([part, str(args.steps), str(n)],
+                                                     args.timeout)}
+            rows.append(r)
+            log(f"{part} {impl} n={n}: " + (r["error"] if "error" in r else
+                f"{r['tokens_per_s']:,.0f} tok/s, peak RSS {r['peak_rss_mb']:,.0f} MB"))
+    if rows:
+        results["train"] = rows
+        results["ratios"] = train_ratios(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(_markdown(results))
     if results.get("attention"):
         _plot(results, out / "scaling.png")
+    if results.get("ratios"):
+        _plot_train(results["ratios"], out / "train-lengths.png")
     print(json.dumps(results))
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}"
-        + (f", {out / 'scaling.png'}" if results.get("attention") else ""))
+    log(f"wrote results.json, results.md and plots to {out}")
     return 0
 
 

@@ -24,6 +24,7 @@ from rtlib.routing.stats import RoutingStats, assignment_statistics
 
 ASSIGNMENTS = ("balanced", "causal")
 XLA = Backend("xla")
+MIN_SPLIT_WINDOW = 64  # windows from this size up use blocks of W / 4 on XLA (_aligned_block)
 
 
 def routing_attention(
@@ -231,6 +232,7 @@ def _causal_aligned(
     self_mask: bool,
     num_clusters: int,
     backend: Backend = XLA,
+    block: int | None = None,
 ) -> Float[Array, "seq vdim"]:
     """Shared-QK fast path: blocked attention over a cluster-aligned layout, O(n W d).
 
@@ -241,40 +243,55 @@ def _causal_aligned(
     comes later). The layout holds at most n + K (W - 1) slots.
     """
     n = x_hat.shape[0]
+    block = _aligned_block(window, backend) if block is None else block
     pos = jnp.arange(n, dtype=jnp.int32)
     counts = jnp.zeros((num_clusters + 1,), jnp.int32).at[cluster].add(1)[:num_clusters]
-    blocks = (counts + window - 1) // window
-    slot_start = (jnp.cumsum(blocks) - blocks) * window
+    blocks = (counts + block - 1) // block
+    slot_start = (jnp.cumsum(blocks) - blocks) * block
     first = jnp.cumsum(counts) - counts  # first index of each cluster in (cluster, pos) order
     order = jnp.argsort(cluster * n + pos, stable=True)
     rank = jnp.zeros((n,), jnp.int32).at[order].set(pos)  # index in (cluster, pos) order
     valid = cluster < num_clusters
     c = jnp.minimum(cluster, num_clusters - 1)
-    length = (n + num_clusters * (window - 1)) // window * window
+    length = -(-(n + num_clusters * (block - 1)) // block) * block
     slot = jnp.where(valid, slot_start[c] + rank - first[c], length)  # invalid: dropped
 
     def place(x, fill):
         return jnp.full((length, *x.shape[1:]), fill, x.dtype).at[slot].set(x, mode="drop")
 
     seg = place(cluster, num_clusters)
-    out_l = _aligned_grouped(place(x_hat, 0), place(v, 0), seg, window=window, causal=causal,
-                             scale=scale, self_mask=self_mask, num_clusters=num_clusters,
-                             backend=backend)
+    out_l = _aligned_grouped(place(x_hat, 0), place(v, 0), seg, window=window, block=block,
+                             causal=causal, scale=scale, self_mask=self_mask,
+                             num_clusters=num_clusters, backend=backend)
     return jnp.where(valid[:, None], out_l[jnp.minimum(slot, length - 1)], 0.0)
 
 
-def _aligned_grouped(x_l, v_l, seg, *, window, causal, scale, self_mask, num_clusters,
+def _aligned_block(window: int, backend: Backend) -> int:
+    """Block size B of the cluster-aligned layout.
+
+    Every cluster is padded to a block boundary, so the layout holds up to K (B - 1) empty
+    slots, and each query block reads B + W slots of keys: with B = W (and K = n / W clusters)
+    that is about 4 n W products against balanced routing's n W; blocks of W / 4 cut it to
+    about 1.6 n W, and measured fwd + bwd time by 1.5x at 4k-16k tokens on CPU (see
+    docs/performance.md). Kernels keep B = W: their tiles want wide blocks."""
+    if backend.name == "xla" and window % 4 == 0 and window >= MIN_SPLIT_WINDOW:
+        return window // 4
+    return window
+
+
+def _aligned_grouped(x_l, v_l, seg, *, window, block, causal, scale, self_mask, num_clusters,
                      backend):
     """`_causal_aligned`'s attention as grouped attention: blocks of W slots, each seeing its
     own and the previous block (and the next when not causal), same segment, within W slots."""
-    nb = x_l.shape[0] // window
-    pos = jnp.arange(nb * window, dtype=jnp.int32).reshape(nb, window)
-    seg = seg.reshape(nb, window)
-    x_b = x_l.reshape(nb, window, -1)
-    q, k, v = _operands(backend, x_b, x_b, v_l.reshape(nb, window, -1))
+    nb = x_l.shape[0] // block
+    pos = jnp.arange(nb * block, dtype=jnp.int32).reshape(nb, block)
+    seg = seg.reshape(nb, block)
+    x_b = x_l.reshape(nb, block, -1)
+    q, k, v = _operands(backend, x_b, x_b, v_l.reshape(nb, block, -1))
+    back = -(-(window - 1) // block)  # key blocks that can hold one of the W - 1 earlier slots
+    offsets = tuple(range(-back, 1 if causal else back + 1))
     out = grouped_attention(
-        q, k, v, pos, pos, seg,
-        jnp.where(seg < num_clusters, seg, -1), offsets=(-1, 0) if causal else (-1, 0, 1),
+        q, k, v, pos, pos, seg, jnp.where(seg < num_clusters, seg, -1), offsets=offsets,
         causal=causal, span=window, self_mask=self_mask, scale=scale, implementation=backend,
     )
-    return out.reshape(nb * window, -1).astype(jnp.float32)
+    return out.reshape(nb * block, -1).astype(jnp.float32)
