@@ -66,12 +66,14 @@ def test_a_spec_that_is_not_text_or_not_a_file_is_a_spec_error(binary_spec, tmp_
     assert got == 2 and "cannot read spec file" in err
 
 
-def test_training_an_encoder_is_a_spec_problem_and_validate_says_so(tmp_path, capsys):
-    got, err = run_cli(["train", TINY, "model.kind=encoder", f"run.dir={tmp_path / 'r'}",
-                        "--no-progress"], capsys)
-    assert got == 2 and "needs a decoder" in err
+def test_an_encoder_needs_a_mask_id_of_its_own_and_validate_names_its_objective(
+        tmp_path, capsys, text_store):
+    # tiny.yaml's 256 ids are all bytes: the default mask id (the last) is a token of the data
+    got, err = run_cli(["train", TINY, "model.kind=encoder", f"data.path={text_store}",
+                        f"run.dir={tmp_path / 'r'}", "--no-progress"], capsys)
+    assert got == 1 and "train.mlm.mask_id=255 is a token of the data" in err
     assert main(["validate", TINY, "model.kind=encoder"]) == 0
-    assert "need a decoder" in capsys.readouterr().out
+    assert "objective: mlm" in capsys.readouterr().out
 
 
 def test_training_more_than_the_machine_holds_is_refused_before_allocating(tmp_path, capsys):

@@ -32,7 +32,8 @@ def test_every_spec_validates_and_builds_abstractly(path):
     assert count_parameters(model) > 0
     leaves = jax.tree.leaves(model)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves if is_array_leaf(x))
-    routing_layers = sum(c.routing > 0 for c in spec.model.layer_plan())
+    routing_layers = sum(c.routing > 0 for stack in spec.model.stacks()  # encoder-decoder: 2
+                         for c in stack.layer_plan())
     stacked = sum(s.centroids.shape[0] for s in state.stages if s is not None)
     assert stacked == routing_layers
 

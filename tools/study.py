@@ -12,6 +12,10 @@ them in sync), so the arms cannot drift apart by hand edits.
     python tools/study.py --quick --out runs/study-quick     # <= 15 minutes on 2 cores
     python tools/study.py --out runs/study                   # the default study, <= 2 hours
 
+Those budgets are without the images task (`--tasks text,copy` and `text,copy,recall`): it adds
+about an hour to either (its quick runs took 66 minutes on a shared 2-core machine; its default
+is estimated from their step times).
+
 writes OUT/results.json (one row per task, arm, seed and metric), OUT/curves.json (validation
 curves against steps and training seconds), and the report (`--report`, default
 docs/study.md, with its plots beside it). Runs are ordinary `rtlib train` run directories under
@@ -68,6 +72,40 @@ def _synthetic(task: str, about: str, *, vocab: int, options: list[str], quick: 
     }
 
 
+def _images(size: int) -> dict:
+    """`rtlib data synth shapes` images of size x size RGB, read image by image (sequence
+    3 x size^2) with per-axis positions: local heads of one image row (and the row above)."""
+    store, row = f"data/study/shapes{size}", 3 * size
+    return {
+        "about": f"{size}x{size} RGB images of mirrored shapes (`rtlib data synth shapes`): the "
+                 "lower half repeats the upper half, up to a whole image back",
+        "store": store,
+        "make_store": ["data", "synth", "shapes", store, "--size", str(size)],
+        "metric": "bits_per_dim", "better": "lower",
+        "local_window": row,
+        "routing": {"clusters": 4, "window": size * row // 4},
+        "spec": {
+            "model": {"vocab_size": 256, "seq_len": size * row, "d_model": 64, "n_layers": 2,
+                      "embedding": {"positions": "axes", "axes": [size, size, 3]},
+                      "feed_forward": {"hidden": 256, "activation": "gelu"},
+                      "routing": {"init": "kmeans", "commitment": 1.0e-4, "ema_decay": 0.99}},
+            "train": {"batch_size": 16, "lr": 3.0e-3, "warmup_steps": 30, "schedule": "cosine",
+                      "weight_decay": 0.01, "clip_norm": 1.0},
+            "run": {"log_every": 1, "checkpoint_every": 0, "sample_tokens": 0},
+            "data": {"path": store, "eval_tokens": 64 * size * row},
+        },
+        "budgets": {
+            # images of 8x8: the sequence (192) must be one image, so no generic geometry
+            "smoke": {**SMOKE, "geometry": {"seq_len": 192, "axes": [8, 8, 3],
+                                            "local_window": 24,
+                                            "routing": {"clusters": 2, "window": 96}}},
+            "quick": {"steps": 400, "eval_every": 100, "seeds": [0, 1],
+                      "test_tokens": 256 * size * row},
+            "default": {"steps": 1000, "eval_every": 200, "seeds": [0],
+                        "test_tokens": 256 * size * row}},
+    }
+
+
 # Per task: the shared spec, the local window and routing geometry, the data, the metric, and
 # how long each budget trains.
 TASKS = {
@@ -105,6 +143,7 @@ TASKS = {
         options=["--pairs", "16"],
         quick=None,  # no arm learns it in a quick budget (docs/study.md)
         default={"steps": 3000, "eval_every": 250, "seeds": [0], "test_tokens": 131072}),
+    "images": _images(16),
 }
 
 
@@ -123,11 +162,14 @@ def arm_heads(task: dict, arm: str) -> list[dict]:
 
 
 def arm_spec(name: str, arm: str, geometry: dict | None = None) -> dict:
-    """The spec of one arm; `geometry` replaces seq_len, local_window and routing (smoke)."""
+    """The spec of one arm; `geometry` replaces seq_len, local_window and routing (smoke), and
+    the position axes of an image task."""
     task = {**TASKS[name], **{k: v for k, v in (geometry or {}).items() if k != "seq_len"}}
     spec = copy.deepcopy(task["spec"])
     if geometry:
         spec["model"]["seq_len"] = geometry["seq_len"]
+        if "axes" in geometry:
+            spec["model"]["embedding"]["axes"] = geometry["axes"]
     spec = {"name": f"study-{name}-{arm}",
             "description": f"tools/study.py: {task['about']}, arm {arm!r}.", **spec}
     spec["model"]["attention"] = {"head_dim": HEAD_DIM, "heads": arm_heads(task, arm)}
@@ -189,6 +231,16 @@ def curves(records: list[dict]) -> list[dict]:
     return out
 
 
+def same_spec(recorded: dict, resolved: dict) -> bool:
+    """Whether a finished run's recorded spec is the one asked for now. Keys the record lacks
+    are spec fields added to rtlib after the run: they hold their defaults, which keep the old
+    behaviour, so they do not make the run stale."""
+    if not isinstance(recorded, dict) or not isinstance(resolved, dict):
+        return recorded == resolved
+    return recorded.keys() <= resolved.keys() and all(
+        same_spec(value, resolved[key]) for key, value in recorded.items())
+
+
 def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
             extra: list[str]) -> dict:
     """Train one arm (or reuse a finished run), score its test split, audit balanced routing."""
@@ -211,7 +263,7 @@ def run_arm(name: str, arm: str, seed: int, budget: dict, out: Path, store: str,
     if done_file.exists():
         row = json.loads(done_file.read_text())
         resolved = spec.model_dump(mode="json")
-        if row.get("overrides") == overrides and row.get("spec", resolved) == resolved:
+        if row.get("overrides") == overrides and same_spec(row.get("spec", resolved), resolved):
             print(f"study: {run_dir.name}: done before, reused", flush=True)
             return {**row, "reused": True}
     print(f"study: {run_dir.name}: training {budget['steps']} steps", flush=True)
@@ -267,7 +319,8 @@ def result_rows(runs: list[dict]) -> list[dict]:
     for r in runs:
         base = {k: r[k] for k in ("task", "arm", "seed", "step", "params", "flops_per_token",
                                   "wall_s")}
-        for metric in ("bits_per_byte", "bits_per_token", "answer_accuracy", "answer_nll"):
+        for metric in ("bits_per_dim", "bits_per_byte", "bits_per_token", "answer_accuracy",
+                       "answer_nll"):
             if metric in r["test"]:
                 rows.append({**base, "metric": metric, "value": r["test"][metric]})
         for key, value in r.get("audit", {}).items():
@@ -385,7 +438,8 @@ def report(runs: list[dict], *, budget_name: str, command: str, total_s: float,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the <= 15-minute budget")
+    p.add_argument("--quick", action="store_true", help="the <= 15-minute budget (an hour more "
+                   "with the images task)")
     p.add_argument("--smoke", action="store_true", help="seconds-long check of the tool itself "
                    "(tiny models, 2 steps; the suite runs it)")
     p.add_argument("--out", default="runs/study", help="runs, logs and results.json go here")

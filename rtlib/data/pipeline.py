@@ -11,7 +11,8 @@ checkpoints.
 Stores of fixed-length examples (synthetic tasks, `store.example_tokens`): training windows
 start on an example boundary (the jittered start is rounded down to one), and evaluation scores
 each example in its own window, so no answer is ever cut from the context that makes it
-predictable.
+predictable. Image stores read by a model of one image's `seq_len` (`rtlib.data.images`): every
+window is the start byte and one whole image, all of whose bytes are targets.
 """
 
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from rtlib.data.images import START, image_tokens
 from rtlib.data.store import StoreError, TokenStore
 
 
@@ -37,16 +39,20 @@ def train_dataset(store: TokenStore, split: str, *, seq_len: int, batch_size: in
                          "processes")
     span = seq_len + 1
     total = store.num_tokens(split)
-    if total < span:
+    image = image_tokens(store, seq_len)
+    if total < (image or span):
         raise StoreError(f"{store.location}: split {split!r} has {total} tokens, fewer than "
                          f"seq_len + 1 = {span}: use a larger corpus or a shorter seq_len")
-    windows = total // span
+    windows = total // (image or span)
     last = total - span
     example = _example_tokens(store, seq_len)
     if example:
         last = last // example * example
 
     def read(window: int, rng: np.random.Generator) -> np.ndarray:
+        if image:
+            pixels = store.read(split, window * image, (window + 1) * image)
+            return np.concatenate([np.asarray([START], np.int32), pixels])
         start = min(window * span + int(rng.integers(0, span)), last)
         if example:
             start = start // example * example
@@ -86,16 +92,20 @@ def eval_batches(store: TokenStore, split: str, *, seq_len: int, batch_size: int
     answers bool [batch, seq_len + 1]: the store's answer mask, all False without one).
     The last window and the last batch are padded; padding is masked out. In a store of
     fixed-length examples each window is one example (its first token, `<bos>`, is never a
-    target)."""
+    target); in an image store read image by image, the start byte and one image (every byte
+    of it a target)."""
     example = _example_tokens(store, seq_len)
+    image = image_tokens(store, seq_len)
+    lead = 1 if image else 0  # tokens in front of the store's: the start byte of an image
     total = store.num_tokens(split)
     if max_tokens is not None:
-        total = min(total, max_tokens + 1)
-    if total < 2:
+        total = min(total, max_tokens + 1 - lead)
+    if total < 2 - lead:
         raise StoreError(f"{store.location}: split {split!r} has {total} tokens: nothing to "
                          "evaluate")
-    step, length = (example, example) if example else (seq_len, seq_len + 1)
-    starts = list(range(0, total - 1, step))
+    step, length = ((image, image) if image else (example, example) if example else
+                    (seq_len, seq_len + 1))
+    starts = list(range(0, total - 1 + lead, step))
     for b in range(0, len(starts), batch_size):
         tokens = np.zeros((batch_size, seq_len + 1), np.int32)
         mask = np.zeros((batch_size, seq_len + 1), bool)
@@ -103,8 +113,9 @@ def eval_batches(store: TokenStore, split: str, *, seq_len: int, batch_size: int
         for row, start in enumerate(starts[b:b + batch_size]):
             stop = min(start + length, total)
             piece = store.read(split, start, stop)
-            tokens[row, :len(piece)] = piece
-            mask[row, :len(piece)] = True
+            tokens[row, :lead] = START
+            tokens[row, lead:lead + len(piece)] = piece
+            mask[row, :lead + len(piece)] = True
             if store.has_answers(split):
-                answers[row, :len(piece)] = store.read_answers(split, start, stop)
+                answers[row, lead:lead + len(piece)] = store.read_answers(split, start, stop)
         yield tokens, mask, answers

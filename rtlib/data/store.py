@@ -1,6 +1,15 @@
 """Token stores: one zarr3 array of token ids per split, written and read with tensorstore, plus
 `manifest.json` (tokenizer, counts, document boundaries, source digest).
 
+Token ids are stored as uint8 for vocabularies of up to 256 ids (byte-level and synthetic
+stores), uint16 up to 65,536 and uint32 beyond. A store made with a text tokenizer (a Hugging
+Face or sentencepiece one) also holds that tokenizer's file (`tokenizer.json` /
+`tokenizer.model`, its SHA-256 in the manifest) and, per split, `SPLIT.token_bytes.zarr`: the
+UTF-8 bytes of text each token stands for (uint16; whitespace a word-level tokenizer drops is
+counted with the next token, a document's trailing bytes with its end-of-document token), so
+the bits per byte of any run of tokens is exact (`TokenStore.text_bytes`). Each split's
+`bytes` in the manifest is its documents' UTF-8 byte count, whatever the tokenizer.
+
 A location is a local directory or any tensorstore kvstore URL (`file:///abs/dir/`, `gs://b/p/`,
 `memory://x/`). The manifest is written last, so a store without one is incomplete and is never
 read.
@@ -19,9 +28,10 @@ synthetic tasks), which is then reported with the advice to prepare the store ag
 Writers (`rtlib data prepare`, `rtlib data synth`) only write into an empty location, an rtlib
 store, or one they started (marked by `rtlib-store.json`); with `force` into any location, and
 even then they delete only rtlib's own keys: the manifest and the chunks and metadata of the
-`SPLIT.zarr` / `SPLIT.answers.zarr` arrays.
+`SPLIT.zarr` / `SPLIT.answers.zarr` / `SPLIT.token_bytes.zarr` arrays and the tokenizer file.
 """
 
+import functools
 import json
 import os
 import urllib.parse
@@ -32,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from rtlib.data.tokenizer import Tokenizer, tokenizer_from_manifest
+from rtlib.data.tokenizer import Tokenizer, tokenizer_from_manifest, tokenizer_name
 from rtlib.errors import RtlibError, StoreError
 
 MANIFEST = "manifest.json"
@@ -41,7 +51,10 @@ FORMAT = "rtlib-token-store"
 VERSION = 2  # 2: every chunk is stored (see the module docstring); 1: zero chunks may be absent
 SPLITS = ("train", "valid", "test")
 ANSWERS = "answers"  # SPLIT.answers.zarr: the answer mask of a synthetic task
-ARRAYS = (*SPLITS, *(f"{s}.{ANSWERS}" for s in SPLITS))  # every array name rtlib writes
+TOKEN_BYTES = "token_bytes"  # SPLIT.token_bytes.zarr: text bytes per token (text tokenizers)
+EXTRAS = (ANSWERS, TOKEN_BYTES)  # arrays that come with a split's tokens, one element per token
+ARRAYS = (*SPLITS, *(f"{s}.{e}" for e in EXTRAS for s in SPLITS))  # every array rtlib writes
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # text tokenizers saved in the store
 CHUNK = 1 << 20  # tokens per zarr chunk: 1 MiB of bytes, a good unit for local and object stores
 
 
@@ -170,7 +183,7 @@ def _any_entry(location: str, kv: ts.KvStore) -> str | None:
 def begin_write(location: str, kv: ts.KvStore) -> None:
     """Make `location` ready for new arrays: mark it as rtlib's, drop the manifest (so an
     interrupted write is never read as complete), then delete rtlib's own arrays (their
-    metadata and numbered chunks) and nothing else."""
+    metadata and numbered chunks) and tokenizer file, and nothing else."""
     if wait(kv.read(MARKER), location, f"read {MARKER}").state != "value":
         wait(kv.write(MARKER, json.dumps({
             "format": FORMAT, "note": "an rtlib token store; it is complete once "
@@ -186,6 +199,21 @@ def begin_write(location: str, kv: ts.KvStore) -> None:
                    if k == "zarr.json" or (k.startswith("c/") and k[2:].isdigit())]
         for d in deletes:
             wait(d, location, f"delete the old array {name}.zarr")
+        _remove_if_empty(location, f"{name}.zarr/c", f"{name}.zarr")
+    for name in TOKENIZER_FILES:
+        if wait(kv.read(name), location, f"read {name}").state == "value":
+            wait(kv.write(name, None), location, f"delete {name}")
+
+
+def _remove_if_empty(location: str, *directories: str) -> None:
+    """Remove a local store's directories left empty by deleting their keys (tensorstore keeps
+    them), so that an array the new store lacks leaves no trace; never one holding anything."""
+    path = local_path(location)
+    for directory in directories if path is not None else ():
+        try:
+            (path / directory).rmdir()
+        except OSError:  # absent, or not empty: someone else's files stay
+            pass
 
 
 def finish_write(location: str, kv: ts.KvStore, manifest: dict) -> None:
@@ -215,6 +243,38 @@ def is_intact(location: str) -> bool:
     except StoreError:
         return False
     return True
+
+
+def read_tokenizer(location: str, manifest: dict) -> Tokenizer:
+    """The tokenizer of the store at `location` with this manifest (reading its tokenizer file,
+    if it has one); StoreError when that cannot be done."""
+    kv = None
+
+    def read(name: str) -> bytes:
+        nonlocal kv
+        kv = kv or open_kvstore(location)
+        found = wait(kv.read(name), location, f"read {name}")
+        if found.state != "value":
+            raise StoreError(f"{location}: {name} is missing: the store is damaged; prepare it "
+                             "again")
+        return bytes(found.value)
+
+    try:
+        return tokenizer_from_manifest(manifest["tokenizer"], read)
+    except ValueError as e:
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"{location}: unusable tokenizer: {e}") from None
+
+
+def store_tokenizer(location: str) -> Tokenizer:
+    """The tokenizer of the store at `location`, reading only its manifest and tokenizer file
+    (not its arrays): what `rtlib generate` decodes with. StoreError without a store."""
+    manifest = existing_manifest(location)
+    if manifest is None:
+        raise StoreError(f"{location}: no token store here ({MANIFEST} is missing), so no "
+                         "tokenizer to encode and decode with")
+    return read_tokenizer(location, manifest)
 
 
 def _chunk_size(array: ts.TensorStore) -> int:
@@ -247,9 +307,11 @@ class TokenStore:
                              f"rtlib token store manifest (a JSON object with format {FORMAT!r})")
         try:
             arrays = {s: split_array(location, s) for s in manifest["splits"]}
-            # answer masks of synthetic tasks (`rtlib data synth`), one per split
-            arrays.update({f"{s}.{ANSWERS}": split_array(location, f"{s}.{ANSWERS}")
-                           for s, info in manifest["splits"].items() if "answers" in info})
+            # answer masks of synthetic tasks (`rtlib data synth`), bytes per token of text
+            # tokenizers: one per split
+            arrays.update({f"{s}.{e}": split_array(location, f"{s}.{e}")
+                           for s, info in manifest["splits"].items() for e in EXTRAS
+                           if e in info})
             sizes = {s: int(info["tokens"]) for s, info in manifest["splits"].items()}
         except Exception as e:
             raise StoreError(f"{location}: unreadable token store: {_line(e)}") from None
@@ -263,10 +325,47 @@ class TokenStore:
             store._check_chunks(kv, name)
         return store
 
-    @property
+    @functools.cached_property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer the store was written with (from its manifest)."""
-        return tokenizer_from_manifest(self.manifest["tokenizer"])
+        """The tokenizer the store was written with (from its manifest, and for a text
+        tokenizer the file saved in the store)."""
+        return read_tokenizer(self.location, self.manifest)
+
+    def check_fits(self, vocab_size: int, tokenizer: str | None = None) -> None:
+        """StoreError unless a model of `vocab_size` ids can read this store (and, when
+        `tokenizer` names one, the store was made with that kind of tokenizer): a larger id
+        would fail late and obscurely inside the embedding."""
+        vocab = self.manifest["tokenizer"]["vocab_size"]
+        if vocab > vocab_size:
+            raise StoreError(f"{self.location}: its tokenizer has {vocab:,} token ids but "
+                             f"model.vocab_size is {vocab_size:,}: set model.vocab_size to "
+                             f"{vocab} (or `auto`)")
+        have = tokenizer_name(self.manifest["tokenizer"])
+        if tokenizer is not None and tokenizer != have:
+            raise StoreError(f"{self.location}: made with a {have} tokenizer, but data.tokenizer "
+                             f"is {tokenizer}: prepare the store with that tokenizer (see "
+                             "docs/data.md), or set data.tokenizer to null to accept any")
+
+    def text_bytes(self, split: str, start: int, stop: int) -> int | None:
+        """UTF-8 bytes of text that tokens [start, stop) of a split stand for: the tokens
+        themselves in a byte-level store, the sum of `SPLIT.token_bytes.zarr` in a store of a
+        text tokenizer; None where tokens are not text (synthetic tasks)."""
+        self._check_split(split)
+        stop = min(stop, self.num_tokens(split))
+        if self.tokenizer.unit == "byte":
+            return max(0, stop - start)
+        name = f"{split}.{TOKEN_BYTES}"
+        if name not in self.arrays:
+            return None
+        if stop == self.num_tokens(split):  # (an evaluation of a whole split) the rest
+            return int(self.manifest["splits"][split]["bytes"]) - self._sum(name, 0, start)
+        return self._sum(name, start, stop)
+
+    def _sum(self, name: str, start: int, stop: int) -> int:
+        total, block = 0, 1 << 24
+        for a in range(start, stop, block):  # in blocks: a whole split need not fit in memory
+            total += int(self._read(name, a, min(stop, a + block)).sum(dtype=np.int64))
+        return total
 
     @property
     def example_tokens(self) -> int | None:
@@ -282,6 +381,14 @@ class TokenStore:
         """The answer mask [start, stop) of a split (bool); see `has_answers`."""
         self._check_split(split)
         return np.asarray(self._read(f"{split}.{ANSWERS}", start, stop), bool)
+
+    def read_token_bytes(self, split: str, start: int, stop: int) -> np.ndarray:
+        """Text bytes per token [start, stop) of a split of a text tokenizer's store (int64)."""
+        self._check_split(split)
+        if f"{split}.{TOKEN_BYTES}" not in self.arrays:
+            raise StoreError(f"{self.location}: split {split!r} records no bytes per token "
+                             "(only stores of text tokenizers do)")
+        return np.asarray(self._read(f"{split}.{TOKEN_BYTES}", start, stop), np.int64)
 
     def num_tokens(self, split: str) -> int:
         """Tokens in `split`, from the manifest (no read)."""

@@ -14,6 +14,10 @@ each example in its own window. Each split also holds an **answer mask** (`SPLIT
   `<copy>` and the span again; the answers are the copy's tokens after its first, predictable
   only by finding the previous occurrence of the current token (the distance varies, so no
   fixed offset does it).
+- `reverse`: not a token task but (source, target) pairs for encoder-decoders, written as a
+  paired store (`rtlib.data.paired`): a line of letters and the same line reversed.
+- `shapes`: not a token task but an image set (`rtlib.data.images`): mirrored shapes, written as
+  `rtlib data prepare` writes images (byte tokens, no answer mask, no `example_tokens`).
 
 Ids: specials first, then named ranges (`k0..`, `v0..`, `c0..`, `f0..`); the vocabulary must fit
 a uint8 store (256 ids). Seeded: each split has its own stream, so the validation and test
@@ -28,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
+from rtlib.data.images import ShapesOptions, synth_shapes
 from rtlib.data.store import (
     ANSWERS,
     FORMAT,
@@ -44,7 +49,7 @@ from rtlib.data.store import (
 from rtlib.data.tokenizer import SyntheticTokenizer
 from rtlib.errors import BadArgument
 
-TASKS = ("recall", "copy")
+TASKS = ("recall", "copy", "shapes", "reverse")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class SynthOptions:
     valid: int = 256
     test: int = 256
     seed: int = 0
+    size: int = 16  # shapes: image side in pixels
+    chars: int = 12  # reverse: at most this many letters per line
 
 
 def tokenizer_for(task: str, o: SynthOptions) -> SyntheticTokenizer:
@@ -78,6 +85,10 @@ def check_options(task: str, o: SynthOptions) -> None:
     """Every problem with the options, as one BadArgument naming the flags."""
     if task not in TASKS:
         raise BadArgument(f"unknown synthetic task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "shapes":
+        return _shapes_options(o).check()
+    if task == "reverse":
+        return _reverse_options(o).check()
     problems = []
     positive = ["length", "filler", "train"] + (
         ["pairs", "keys", "values"] if task == "recall" else ["span", "content"])
@@ -164,6 +175,12 @@ def synth(task: str, out: str, options: SynthOptions = SynthOptions(), *, force:
     """Write the task's token store at `out`; returns the manifest. The same task and options
     again keep an existing store; another store is only replaced with `force`."""
     check_options(task, options)
+    if task == "shapes":
+        return synth_shapes(out, _shapes_options(options), force=force, progress=progress)
+    if task == "reverse":  # a paired store, for encoder-decoders (`rtlib.data.paired`)
+        from rtlib.data.paired import synth_reverse
+
+        return synth_reverse(out, _reverse_options(options), force=force, progress=progress)
     tok = tokenizer_for(task, options)
     settings = {"task": task, **asdict(options)}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -212,3 +229,13 @@ def synth(task: str, out: str, options: SynthOptions = SynthOptions(), *, force:
     }
     finish_write(out, kv, manifest)
     return manifest
+
+
+def _shapes_options(o: SynthOptions) -> ShapesOptions:
+    return ShapesOptions(size=o.size, train=o.train, valid=o.valid, test=o.test, seed=o.seed)
+
+
+def _reverse_options(o: SynthOptions):
+    from rtlib.data.paired import ReverseOptions
+
+    return ReverseOptions(chars=o.chars, train=o.train, valid=o.valid, test=o.test, seed=o.seed)

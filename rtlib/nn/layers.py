@@ -4,6 +4,8 @@ Each layer with parameters takes the logical axes of its arrays (`axes=`, a stat
 whoever creates it and declares them with whether weight decay applies (`declare_params`), so
 sharding and the decay mask come from here (`rtlib.parallel.rules.param_info`)."""
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -98,6 +100,42 @@ class Embedding(eqx.Module):
 
     def attend(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch vocab"]:
         return x @ self.weight.astype(x.dtype).T
+
+
+class AxisPositions(eqx.Module):
+    """Learned positions of a grid laid out row-major (an image's rows, columns and channels):
+    one table per axis, summed, so position (r, c, ch) gets rows[r] + cols[c] + channels[ch]
+    (the paper's image models; T2T `add_positional_embedding_nd`). Far fewer parameters than a
+    table per position, and every row shares what it learns about columns and channels.
+
+    The per-axis tables are stacked in one array: axis i's rows start at `starts[i]`."""
+
+    weight: Float[Array, "rows dim"]
+    shape: tuple[int, ...] = eqx.field(static=True)
+    axes: Axes = eqx.field(static=True)
+
+    def __init__(self, shape: tuple[int, ...], dim: int, *, key: PRNGKeyArray, axes: Axes):
+        self.shape = tuple(shape)
+        # the scale of the 1-d learned table (rtlib.build)
+        self.weight = jax.random.normal(key, (sum(self.shape), dim), jnp.float32) * 0.02
+        self.axes = tuple(axes)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Where each axis's table begins in `weight`."""
+        return tuple(sum(self.shape[:i]) for i in range(len(self.shape)))
+
+    def declare_params(self) -> Declarations:
+        """Rows are positions (never split); not a projection, so not decayed (like the 1-d
+        learned table)."""
+        return {"weight": ParamInfo(self.axes, decay=False)}
+
+    def __call__(self, positions: Int[Array, "*batch"]) -> Float[Array, "*batch dim"]:
+        """The embedding of flat (row-major) positions, each in [0, prod(shape))."""
+        parts = [jnp.take(self.weight, start + positions // math.prod(self.shape[i + 1:]) % size,
+                          axis=0)
+                 for i, (size, start) in enumerate(zip(self.shape, self.starts, strict=True))]
+        return sum(parts[1:], parts[0])
 
 
 def rotary(x: Float[Array, "batch seq heads dim"],

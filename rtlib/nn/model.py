@@ -12,7 +12,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from rtlib.nn.attention import LayerCache
 from rtlib.nn.block import Block
-from rtlib.nn.layers import Embedding, LayerNorm, Linear, dropout
+from rtlib.nn.cross_attention import EncoderOutput
+from rtlib.nn.layers import AxisPositions, Embedding, LayerNorm, Linear, dropout
 from rtlib.parallel.rules import Declarations, ParamInfo, Stacked
 from rtlib.routing import KMeansState, RoutingState, RoutingStats, update_routing_state
 
@@ -21,11 +22,13 @@ Stats = tuple[RoutingStats | None, ...]
 
 class RoutingTransformer(eqx.Module):
     """Decoder-only LM (causal) or encoder. `stages[i]` is a group of consecutive layers with the
-    same head mix, its array leaves stacked on a leading layer axis."""
+    same head mix, its array leaves stacked on a leading layer axis. As the decoder of an
+    encoder-decoder (`rtlib.nn.seq2seq`) its blocks cross-attend to the `memory` it is given."""
 
     embed: Embedding
     embed_proj: Linear | None
-    positions: Float[Array, "seq dmodel"] | None
+    # absolute positions: a table over seq_len, per-axis tables (images), or none
+    positions: Float[Array, "seq dmodel"] | AxisPositions | None
     stages: tuple[Block, ...]
     final_norm: LayerNorm | None
     unembed: Linear | None
@@ -41,8 +44,8 @@ class RoutingTransformer(eqx.Module):
 
     def declare_params(self) -> Declarations:
         """The learned position table (rows are positions: never split; not a projection, so
-        not decayed) and the layer axis `lax.scan` runs over in front of every stage's arrays;
-        the layers declare the rest."""
+        not decayed; per-axis tables declare their own) and the layer axis `lax.scan` runs
+        over in front of every stage's arrays; the layers declare the rest."""
         return {"positions": ParamInfo((None, "embed"), decay=False), "stages": Stacked((None,))}
 
     def __call__(
@@ -53,16 +56,19 @@ class RoutingTransformer(eqx.Module):
         key: PRNGKeyArray | None = None,
         mask: Bool[Array, "batch seq"] | None = None,
         inference: bool = False,
+        memory: EncoderOutput | None = None,
     ) -> tuple[Float[Array, "batch seq vocab"], Stats]:
         """Logits and per-stage routing statistics (summed over the batch).
 
         `key` drives dropout and is required in training when dropout > 0. `mask` marks real
         (non-padding) tokens. `inference=True` disables dropout; the state is never changed here.
+        `memory`: the encoder output that the blocks of an encoder-decoder's decoder read.
         Token ids must lie in [0, vocab_size): JAX gathers fill an id outside it with NaN, so
         its logits (and the loss) are NaN. Not checked here (a check would put a host callback
         in every compiled step); `rtlib train` checks the store's tokenizer against the spec.
         """
-        logits, stats, _ = self._forward(tokens, state, key=key, mask=mask, inference=inference)
+        logits, stats, _ = self._forward(tokens, state, key=key, mask=mask, inference=inference,
+                                         memory=memory)
         return logits, stats
 
     def aux_loss(self, stats: Stats) -> Float[Array, ""]:
@@ -84,12 +90,14 @@ class RoutingTransformer(eqx.Module):
         *,
         key: PRNGKeyArray,
         mask: Bool[Array, "batch seq"] | None = None,
+        memory: EncoderOutput | None = None,
     ) -> RoutingState:
         """Data-dependent init: each routing layer runs `routing.init_iters` Lloyd steps on its
         own q (and k) for this
         batch, layer by layer in one forward pass (later layers see initialised earlier ones).
         Pass a global batch; the result is marked initialised."""
         _, _, used = self._forward(tokens, state, key=None, mask=mask, inference=True,
+                                   memory=memory,
                                    init_key=key, init_iters=self.init_iters)
         stages = tuple(None if c is None else KMeansState.from_centroids(c) for c in used)
         return RoutingState(stages, jnp.asarray(True))
@@ -100,6 +108,7 @@ class RoutingTransformer(eqx.Module):
         state: RoutingState,
         *,
         capacity: int,
+        memory: EncoderOutput | None = None,
     ) -> tuple[Float[Array, "batch seq vocab"], "DecodeCache"]:
         """Inference over a prompt in one pass: its logits (equal to `__call__`'s) and the cache
         that `decode` continues from. `capacity`: the longest sequence the cache will hold
@@ -119,7 +128,7 @@ class RoutingTransformer(eqx.Module):
 
             def body(x, xs, static=static):
                 p, mu = xs
-                return eqx.combine(p, static).prefill(x, mu, capacity=capacity)
+                return eqx.combine(p, static).prefill(x, mu, capacity=capacity, memory=memory)
 
             centroids = None if kstate is None else kstate.centroids
             h, cache = jax.lax.scan(body, h, (params, centroids))
@@ -169,7 +178,9 @@ class RoutingTransformer(eqx.Module):
         h = self.embed(tokens)
         if self.embed_proj is not None:
             h = self.embed_proj(h)
-        if self.positions is not None:
+        if isinstance(self.positions, AxisPositions):
+            h = h + self.positions(offset + jnp.arange(tokens.shape[1]))[None]
+        elif self.positions is not None:
             h = h + jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[1])[None]
         return h
 
@@ -182,7 +193,8 @@ class RoutingTransformer(eqx.Module):
             h = h @ self.embed_proj.weight.T
         return self.embed.attend(h)
 
-    def _forward(self, tokens, state, *, key, mask, inference, init_key=None, init_iters=10):
+    def _forward(self, tokens, state, *, key, mask, inference, init_key=None, init_iters=10,
+                 memory=None):
         self._check(tokens.shape[1], state)
         if key is None and self.dropout > 0 and not inference:
             raise ValueError("dropout > 0 in training needs a `key` (or pass inference=True)")
@@ -194,8 +206,9 @@ class RoutingTransformer(eqx.Module):
         stats, used = [], []
         for blocks, kstate, k, ik in zip(self.stages, state.stages, keys, init_keys, strict=False):
             centroids = None if kstate is None else kstate.centroids
-            h, s, c = _scan_blocks(blocks, h, centroids, mask=mask, key=k, inference=inference,
-                                   init_key=ik, init_iters=init_iters, remat=self.remat,
+            h, s, c = scan_blocks(blocks, h, centroids, mask=mask, key=k, inference=inference,
+                                  init_key=ik, init_iters=init_iters, remat=self.remat,
+                                  memory=memory,
                                    unroll=self.scan_unroll)
             stats.append(s)
             used.append(c)
@@ -211,9 +224,10 @@ class DecodeCache(eqx.Module):
     capacity: int = eqx.field(static=True)  # tokens the full / balanced buffers can hold
 
 
-def _scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_iters, remat,
-                 unroll=1):
-    """Run a stack of identical blocks with `lax.scan`, so compile time does not grow with depth."""
+def scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_iters, remat,
+                unroll=1, memory=None):
+    """Run a stack of identical blocks with `lax.scan`, so compile time does not grow with depth.
+    `memory`: the encoder output blocks with cross-attention read (the same in every layer)."""
     params, static = eqx.partition(blocks, eqx.is_array)
     n_layers = jax.tree.leaves(params)[0].shape[0]
     keys = None if key is None else jax.random.split(key, n_layers)
@@ -223,7 +237,7 @@ def _scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_i
         p, c, k, ik = xs
         block = eqx.combine(p, static)
         x, stats, used = block(x, c, mask=mask, key=k, inference=inference, init_key=ik,
-                               init_iters=init_iters)
+                               init_iters=init_iters, memory=memory)
         return x, (stats, used)
 
     if remat:

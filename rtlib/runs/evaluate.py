@@ -1,5 +1,6 @@
-"""Scoring a model on a split of a token store: nll, bits per token and per byte, perplexity;
-for stores with an answer mask (synthetic tasks) also the greedy accuracy and nll of answers."""
+"""Scoring a model on a split of a token store: nll, bits per token and per byte (and per
+dim, i.e. channel byte, for images), perplexity; for stores with an answer mask (synthetic
+tasks) also the greedy accuracy and nll of answers."""
 
 import contextlib
 import math
@@ -12,14 +13,19 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 from tqdm import tqdm
 
+from rtlib.data.images import image_shape
+from rtlib.data.paired import PairedStore
 from rtlib.data.pipeline import eval_batches
 from rtlib.data.store import StoreError, TokenStore
 from rtlib.nn.model import RoutingTransformer
+from rtlib.nn.seq2seq import EncoderDecoder, Model
 from rtlib.objectives import next_token_nll
 from rtlib.parallel import activate, from_global
 from rtlib.parallel.rules import batch_sharding, rules_key
 from rtlib.routing import RoutingState
-from rtlib.spec.schema import AxisRules
+from rtlib.runs.masked_lm import evaluate_masked
+from rtlib.runs.seq2seq import evaluate_seq2seq
+from rtlib.spec.schema import AxisRules, MaskedLMSpec
 
 
 @eqx.filter_jit
@@ -37,13 +43,25 @@ def _nll_sum(model: RoutingTransformer, routing: RoutingState,
                       jnp.sum(correct), jnp.sum(asked)])
 
 
-def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore, split: str, *,
-             batch_size: int, max_tokens: int | None = None, mesh: Mesh | None = None,
-             rules: AxisRules | None = None, progress: bool = False) -> dict:
+def evaluate(model: Model, routing: RoutingState, store: TokenStore | PairedStore, split: str,
+             *, batch_size: int, max_tokens: int | None = None, mesh: Mesh | None = None,
+             rules: AxisRules | None = None, progress: bool = False,
+             mlm: MaskedLMSpec | None = None) -> dict:
     """Every target token of the split (or its first `max_tokens`) scored once, in consecutive
-    windows of the model's seq_len. Byte-level tokens: bits per byte = bits per token.
+    windows of the model's seq_len. Bits per byte: total nats over (the UTF-8 bytes of text
+    the scored tokens stand for x ln 2); for byte-level tokens, bits per token.
     With a `mesh` (the model sharded on it), batches are split over its data axes; every
-    process passes the same arguments."""
+    process passes the same arguments. An encoder is scored on its masked tokens (corrupted as
+    `mlm` says: `rtlib.runs.masked_lm`), an encoder-decoder on the targets of a paired store
+    (`rtlib.runs.seq2seq`, with greedy `exact_match`)."""
+    if isinstance(model, EncoderDecoder):
+        return evaluate_seq2seq(model, routing, store, split, batch_size=batch_size,
+                                max_tokens=max_tokens, mesh=mesh, rules=rules,
+                                progress=progress)
+    if not model.causal:
+        return evaluate_masked(model, routing, store, split, batch_size=batch_size,
+                               mlm=mlm or MaskedLMSpec(), max_tokens=max_tokens, mesh=mesh,
+                               rules=rules, progress=progress)
     sums = [0.0] * 5
     rows = None if mesh is None else batch_sharding(mesh, rules)
     with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
@@ -65,8 +83,14 @@ def evaluate(model: RoutingTransformer, routing: RoutingState, store: TokenStore
     total_nll, total, answer_nll, correct, asked = sums
     nll = total_nll / total
     out = {"split": split, "tokens": int(total), "nll": nll, "bits_per_token": nll / math.log(2)}
-    if store.tokenizer.unit == "byte":  # a subword tokenizer would record its bytes per token
+    if store.tokenizer.unit == "byte":  # one token is one byte
         out["bits_per_byte"] = nll / math.log(2)
+    elif scored_bytes := store.text_bytes(split, 1, int(total) + 1):
+        # over exactly the text bytes the scored targets (tokens 1..total) stand for, so that
+        # models of one text under different tokenizers compare
+        out["bits_per_byte"] = total_nll / (scored_bytes * math.log(2))
+    if image_shape(store.manifest):  # the image modelling unit: bits per channel byte
+        out["bits_per_dim"] = nll / math.log(2)
     out["perplexity"] = math.exp(nll)
     if store.has_answers(split):
         out.update(answers=int(asked), answer_accuracy=correct / max(asked, 1.0),

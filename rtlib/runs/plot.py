@@ -16,8 +16,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     train = [r for r in records if "split" not in r]
     valid = [r for r in records if r.get("split") == "valid"]
-    # byte-level stores log bits per byte; synthetic (and other) vocabularies bits per token
-    unit = "byte" if any("bits_per_byte" in r for r in records) else "token"
+    unit = plot_unit(records)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         ax.plot([r["step"] for r in train], [r[f"bits_per_{unit}"] for r in train],
@@ -26,7 +25,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot([r["step"] for r in valid], [r[f"bits_per_{unit}"] for r in valid], "o-",
                 label="valid", lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"bits per {unit}")
+    ax.set_ylabel("bits per dim (channel byte)" if unit == "dim" else f"bits per {unit}")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -35,3 +34,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_unit(records: list[dict]) -> str:
+    """The unit a run's bits are counted per: "dim" (channel byte) for image stores, "byte"
+    for other byte-level stores, "token" for synthetic (and other) vocabularies."""
+    logged = {key.removeprefix("bits_per_") for r in records for key in r
+              if key.startswith("bits_per_")}
+    return next((u for u in ("dim", "byte") if u in logged), "token")

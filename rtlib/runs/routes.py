@@ -417,6 +417,9 @@ def _tokenizer(spec):
 
 
 def _check_run(spec, run_dir: Path, max_tokens: int | None) -> None:
+    if spec.model.kind == "encoder_decoder":
+        raise BadArgument(f"{run_dir}: an encoder-decoder run; `rtlib routes` shows the routes "
+                          "of a decoder or an encoder only")
     if not any(c.routing for c in spec.model.layer_plan()):
         raise BadArgument(f"{run_dir}: the model has no routing heads (every layer is local or "
                           "full attention), so there are no routes to show")

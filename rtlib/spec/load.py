@@ -113,11 +113,34 @@ def apply_overrides(data: dict, overrides: Iterable[str], source: str = "<overri
 
 
 def validate_spec(data: dict, source: str = "<spec>", overridden: Sequence[str] = ()) -> Spec:
-    """Validate already-parsed spec data, turning Pydantic errors into `SpecError` lines."""
+    """Validate already-parsed spec data, turning Pydantic errors into `SpecError` lines.
+    `model.vocab_size: auto` becomes the vocabulary size of the store at `data.path`."""
+    data = _resolve_auto_vocab(data, source)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
         raise SpecError(source, [_describe(err, overridden) for err in e.errors()]) from None
+
+
+def _resolve_auto_vocab(data: dict, source: str) -> dict:
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("vocab_size") != "auto":
+        return data
+    from rtlib.data.store import StoreError, existing_manifest
+    from rtlib.spec.schema import DataSpec
+
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    path = section.get("path", DataSpec.model_fields["path"].default)
+    try:
+        manifest = existing_manifest(str(path))
+    except StoreError as e:
+        manifest, why = None, str(e)
+    else:
+        why = f"no token store at {path} (prepare it first, or give a number)"
+    if manifest is None:
+        raise SpecError(source, [f"model.vocab_size: auto takes the vocabulary of the token "
+                                 f"store at data.path, but: {why}"])
+    return {**data, "model": {**model, "vocab_size": manifest["tokenizer"]["vocab_size"]}}
 
 
 def _describe(err: dict, overridden: Sequence[str]) -> str:

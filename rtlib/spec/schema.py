@@ -5,6 +5,7 @@ generated from these descriptions (`python tools/spec_reference.py`). Cross-fiel
 `ModelSpec._cross_field_checks`, each reporting the key path it concerns.
 """
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -151,21 +152,63 @@ class EmbeddingSpec(Strict):
     dim: int | None = Field(None, ge=1, le=MAX_WIDTH,
         description="Factorised embedding width (then a dense "
                             "projection to d_model); default d_model (no factorisation).")
-    positions: Literal["rotary", "learned", "none"] = Field(
+    positions: Literal["rotary", "learned", "axes", "none"] = Field(
         "rotary", description="Rotary on local/full-head q and k, learned absolute embeddings, "
-        "or none.")
+        "learned per-axis embeddings summed (`axes`; the paper's image models), or none.")
+    axes: list[Annotated[int, Field(ge=1, le=MAX_SEQ_LEN)]] | None = Field(
+        None, min_length=1, description="With `positions: axes`: the sequence as a row-major "
+        "grid, e.g. [rows, cols, channels] of an image ([32, 32, 3] for CIFAR-10); one learned "
+        "table per axis, summed. Their product must equal seq_len.")
     tied: bool = Field(False, description="Reuse the token embedding as the output projection.")
 
 
-class ModelSpec(Strict):
-    """A Routing Transformer language model (decoder) or encoder."""
+class CrossAttentionSpec(Strict):
+    """How each decoder layer of an encoder-decoder reads the encoder's output."""
 
-    kind: Literal["decoder", "encoder"] = Field("decoder", description="`decoder`: causal LM; "
-                                                "`encoder`: every token sees both sides.")
-    vocab_size: int = Field(ge=2, le=MAX_VOCAB, description="Number of token ids.")
-    seq_len: int = Field(ge=1, le=MAX_SEQ_LEN, description="Training sequence length n.")
+    kind: Literal["full"] = Field("full", description="`full`: every target position sees every "
+                                  "(non-padding) source position.")
+    heads: int | None = Field(None, ge=1, le=MAX_HEADS, description="Cross-attention heads; "
+                              "default the decoder layers' self-attention head count.")
+    head_dim: int | None = Field(None, ge=1, le=MAX_WIDTH, description="Per-head dimension; "
+                                 "default d_model / heads (which must divide).")
+
+
+class DecoderSpec(Strict):
+    """The decoder stack of an encoder-decoder (`model.kind: encoder_decoder`): causal
+    self-attention of any head kinds, then cross-attention to the encoder's output, in every
+    layer. Width, feed-forward, norms, embedding (shared by source and target) and the k-means
+    settings are the model's."""
+
+    seq_len: int = Field(ge=1, le=MAX_SEQ_LEN, description="Decoder positions: the start token "
+                         "and up to seq_len - 1 target tokens (the end token is predicted after "
+                         "the last).")
+    n_layers: int = Field(ge=1, le=MAX_LAYERS, description="Decoder blocks.")
+    attention: AttentionSpec = Field(description="Causal self-attention heads of the decoder "
+                                       "layers (same keys as model.attention).")
+    cross_attention: CrossAttentionSpec = Field(default_factory=CrossAttentionSpec,
+                                                description="Cross-attention settings.")
+    start_id: int = Field(ge=0, le=MAX_VOCAB, description="Token id that begins every decoder "
+                          "input; below vocab_size and not a token of the data (a byte store: "
+                          "vocab_size 258, start_id 256, end_id 257).")
+    end_id: int = Field(ge=0, le=MAX_VOCAB, description="Token id the decoder predicts after the "
+                        "target; generation stops there. Below vocab_size, not a data token.")
+
+
+class ModelSpec(Strict):
+    """A Routing Transformer language model (decoder), encoder, or encoder-decoder."""
+
+    kind: Literal["decoder", "encoder", "encoder_decoder"] = Field(
+        "decoder", description="`decoder`: causal LM; `encoder`: every token sees both sides "
+        "(masked-LM training); `encoder_decoder`: an encoder stack (the keys below) and a "
+        "causal decoder stack (`decoder`) that cross-attends to it.")
+    vocab_size: int = Field(ge=2, le=MAX_VOCAB, description="Number of token ids. `auto` "
+                            "(in a spec file or override) takes the vocabulary size of the "
+                            "token store at `data.path` when the spec is loaded.")
+    seq_len: int = Field(ge=1, le=MAX_SEQ_LEN, description="Training sequence length n (an "
+                         "encoder-decoder: source tokens; the decoder's is decoder.seq_len).")
     d_model: int = Field(ge=1, le=MAX_WIDTH, description="Residual stream width.")
-    n_layers: int = Field(ge=1, le=MAX_LAYERS, description="Number of transformer blocks.")
+    n_layers: int = Field(ge=1, le=MAX_LAYERS, description="Number of transformer blocks (an "
+                          "encoder-decoder: of the encoder).")
     norm: Literal["pre", "post"] = Field("pre", description="Pre-norm (modern) or post-norm "
                                          "(the paper's T2T default).")
     final_norm: bool = Field(True, description="LayerNorm before the output projection.")
@@ -184,11 +227,39 @@ class ModelSpec(Strict):
     routing: RoutingSpec = Field(default_factory=RoutingSpec,
                                  description="Online k-means settings.")
     feed_forward: FeedForwardSpec = Field(description="Feed-forward settings.")
+    decoder: DecoderSpec | None = Field(None, description="The decoder stack of "
+                                        "`kind: encoder_decoder` (only there).")
 
     @property
     def causal(self) -> bool:
-        """Whether attention is causal: decoders are, encoders see both directions."""
+        """Whether attention is causal: decoders are, encoders (and the encoder stack of an
+        encoder-decoder) see both directions."""
         return self.kind == "decoder"
+
+    def stack(self, which: Literal["encoder", "decoder"]) -> "ModelSpec":
+        """One stack of an encoder-decoder as a model spec of its own, which the layers are
+        built from: the encoder (this spec as `kind: encoder`) or the decoder (`decoder`'s
+        length, depth and heads, `kind: decoder`). Not validated again: `_first_problem`
+        checks both when the spec loads."""
+        if self.decoder is None:
+            raise ValueError(f"model.kind {self.kind!r} has no {which} stack of its own")
+        if which == "encoder":
+            return self.model_copy(update={"kind": "encoder", "decoder": None})
+        d = self.decoder
+        return self.model_copy(update={"kind": "decoder", "decoder": None, "seq_len": d.seq_len,
+                                       "n_layers": d.n_layers, "attention": d.attention})
+
+    def cross_attention_shape(self) -> tuple[int, int]:
+        """(heads, head_dim) of an encoder-decoder's cross-attention, defaults resolved."""
+        if self.decoder is None:
+            raise ValueError(f"model.kind {self.kind!r} has no cross-attention")
+        cross = self.decoder.cross_attention
+        heads = cross.heads or self.stack("decoder").layer_plan()[0].total
+        return heads, cross.head_dim or self.d_model // heads
+
+    def stacks(self) -> list["ModelSpec"]:
+        """Every stack of layers: the model itself, or an encoder-decoder's two."""
+        return [self] if self.decoder is None else [self.stack("encoder"), self.stack("decoder")]
 
     def group(self, kind: HeadKind) -> LocalHeads | RoutingHeads | FullHeads | None:
         """The settings of the heads of `kind`, or None when the spec has none."""
@@ -226,6 +297,8 @@ class ModelSpec(Strict):
 
 def _first_problem(m: ModelSpec) -> tuple[str, str] | None:
     """The first cross-field inconsistency as (key path relative to the model, message)."""
+    if m.kind == "encoder_decoder" or m.decoder is not None:
+        return _encoder_decoder_problem(m)
     kinds = [g.kind for g in m.attention.heads]
     for i, kind in enumerate(kinds):
         if kind in kinds[:i]:
@@ -284,11 +357,97 @@ def _first_problem(m: ModelSpec) -> tuple[str, str] | None:
                 "`rotary: true` on the routing heads, or `none` to mean it")
     if m.embedding.dim is not None and m.embedding.dim > m.d_model:
         return "embedding.dim", f"factorised width {m.embedding.dim} exceeds d_model={m.d_model}"
+    axes = m.embedding.axes
+    if m.embedding.positions == "axes" and axes is None:
+        return ("embedding.axes", "`positions: axes` needs the grid's axis sizes, e.g. "
+                "`axes: [32, 32, 3]` (rows, cols, channels) for 32x32 RGB images")
+    if axes is not None and m.embedding.positions != "axes":
+        return ("embedding.axes", f"is set but embedding.positions is "
+                f"{m.embedding.positions!r}: set `positions: axes` to use it, or remove it")
+    if axes is not None and math.prod(axes) != m.seq_len:
+        return ("embedding.axes", f"{axes} hold {math.prod(axes):,} positions but seq_len is "
+                f"{m.seq_len:,}: their product must equal seq_len")
     return None
+
+
+def _encoder_decoder_problem(m: ModelSpec) -> tuple[str, str] | None:
+    """`_first_problem` of an encoder-decoder: each stack as a model of its own (the decoder's
+    paths under `decoder.`), then what joins them."""
+    if m.kind != "encoder_decoder":
+        return "decoder", f"only `kind: encoder_decoder` has a decoder stack; kind is {m.kind!r}"
+    d = m.decoder
+    if d is None:
+        return "decoder", ("`kind: encoder_decoder` needs a `decoder` section (seq_len, "
+                           "n_layers, attention, start_id, end_id)")
+    if m.embedding.positions == "axes":
+        return ("embedding.positions", "`axes` positions describe an image grid; an "
+                "encoder-decoder takes rotary, learned or none")
+    problem = _first_problem(m.stack("encoder"))
+    if problem is not None:
+        return problem
+    problem = _first_problem(m.stack("decoder"))
+    if problem is not None:
+        path, message = problem
+        own = path.split(".")[0] in ("attention", "seq_len", "n_layers")
+        return (f"decoder.{path}" if own else path), (message if own else
+                                                      f"{message} (in the decoder stack)")
+    for name in ("start_id", "end_id"):
+        if getattr(d, name) >= m.vocab_size:
+            return (f"decoder.{name}", f"{getattr(d, name)} is not a token id of the model "
+                    f"(vocab_size={m.vocab_size}); e.g. a byte store needs vocab_size 258 for "
+                    "start_id 256 and end_id 257")
+    if d.start_id == d.end_id:
+        return "decoder.end_id", f"equals start_id={d.start_id}: they must be two ids"
+    heads, head_dim = m.cross_attention_shape()
+    if d.cross_attention.head_dim is None and m.d_model % heads:
+        return ("decoder.cross_attention.heads", f"d_model={m.d_model} is not divisible by "
+                f"{heads} heads; set head_dim explicitly or change the head count")
+    return None
+
+
+class MaskedLMSpec(Strict):
+    """BERT's corruption for `train.objective: mlm`: a share of the tokens is chosen; of those,
+    most become the mask token, some a random token, the rest stay; the loss is on the chosen."""
+
+    rate: float = Field(0.15, gt=0, le=1, description="Share of the (non-padding) tokens "
+                        "chosen, each independently; only they are scored.")
+    replace: float = Field(0.8, ge=0, le=1, description="Share of the chosen tokens replaced "
+                           "by `mask_id`.")
+    random: float = Field(0.1, ge=0, le=1, description="Share of the chosen tokens replaced by "
+                          "a uniformly drawn other id (any id below vocab_size but mask_id); "
+                          "the rest (1 - replace - random) are kept as they are.")
+    mask_id: int | None = Field(None, ge=0, le=MAX_VOCAB, description="Token id of the mask: "
+                                "below model.vocab_size and not a token of the data (a byte "
+                                "store: vocab_size 257, mask_id 256). Default: vocab_size - 1.")
+
+    @model_validator(mode="after")
+    def _shares(self) -> "MaskedLMSpec":
+        if self.replace + self.random > 1:
+            raise PydanticCustomError(
+                "spec_conflict", "{path}: {message}",
+                {"path": "random", "message": f"replace={self.replace} + random={self.random} "
+                 "exceeds 1 (they are shares of the chosen tokens)"})
+        return self
+
+    def mask_token(self, vocab_size: int) -> int:
+        """`mask_id`, defaulting to the last id of the vocabulary."""
+        return vocab_size - 1 if self.mask_id is None else self.mask_id
+
+
+Objective = Literal["next_token", "mlm", "seq2seq"]
+OBJECTIVE_OF_KIND: dict[str, Objective] = {"decoder": "next_token", "encoder": "mlm",
+                                           "encoder_decoder": "seq2seq"}
 
 
 class TrainSpec(Strict):
     """Optimisation: steps, batch, optimiser, schedule, precision (`rtlib train`)."""
+
+    objective: Objective | None = Field(
+        None, description="The loss: `next_token` (decoders), `mlm` (masked tokens, encoders; "
+        "see `mlm`), `seq2seq` (target tokens given the source, teacher forcing; "
+        "encoder-decoders). Default: the one model.kind trains with.")
+    mlm: MaskedLMSpec = Field(default_factory=MaskedLMSpec, description="Corruption of "
+                              "`objective: mlm`.")
 
     steps: int = Field(1000, ge=0, description="Optimiser steps in the whole run (a resumed run "
                        "continues up to this step).")
@@ -341,6 +500,11 @@ class DataSpec(Strict):
                              "each periodic evaluation (`rtlib eval` scores the whole split).")
     read_threads: int = Field(2, ge=1, description="grain reader threads.")
     prefetch: int = Field(4, ge=1, description="Batches grain reads ahead.")
+    tokenizer: Literal["bytes", "bpe", "unigram", "word", "wordpiece", "sentencepiece",
+                       "synthetic"] | None = Field(
+        None, description="The kind of tokenizer the store must have been prepared with "
+        "(`rtlib data prepare --tokenizer/--train-tokenizer`, see docs/data.md); training on a "
+        "store of another kind is refused. null: any.")
 
 
 class RunSpec(Strict):
@@ -357,9 +521,12 @@ class RunSpec(Strict):
     checkpoint_minutes: float | None = Field(10.0, gt=0, description="Also checkpoint when "
                                              "this many minutes passed since the last one.")
     keep: int = Field(3, ge=1, description="Checkpoints kept (the newest).")
-    sample_tokens: int = Field(200, ge=0, description="Bytes sampled after training and "
+    sample_tokens: int = Field(200, ge=0, description="Tokens sampled after training and "
                                "printed (0: none).")
     sample_prompt: str = Field("def ", description="Prompt of that sample.")
+    tensorboard: bool = Field(False, description="Also write the training and evaluation "
+                              "scalars as TensorBoard event files in the run directory "
+                              "(tensorboardX; process 0). metrics.jsonl stays the record.")
 
 
 MeshAxis = Literal["data", "fsdp", "model"]
@@ -451,13 +618,15 @@ def mesh_problem(spec: "Spec", sizes: dict[str, int]) -> tuple[str, str] | None:
         return "train.batch_size", f"{what} sequences do not split over {names('batch')}"
     n = split("heads")
     if n and n > 1:
-        for c in m.layer_plan():
-            for kind in HEAD_KINDS:
-                count = getattr(c, kind)
-                if count % n:
-                    return ("mesh.model" if "model" in rules.heads else "mesh.rules.heads",
-                            f"{count} {kind} heads per layer do not split over {names('heads')}"
-                            " (every head kind is split evenly across devices)")
+        counts = [(getattr(c, kind), f"{kind} heads") for stack in m.stacks()
+                  for c in stack.layer_plan() for kind in HEAD_KINDS]
+        if m.decoder is not None:
+            counts.append((m.cross_attention_shape()[0], "cross-attention heads"))
+        for count, what in counts:
+            if count % n:
+                return ("mesh.model" if "model" in rules.heads else "mesh.rules.heads",
+                        f"{count} {what} per layer do not split over {names('heads')}"
+                        " (every head kind is split evenly across devices)")
     n = split("mlp")
     if n and m.feed_forward.hidden % n:
         return ("model.feed_forward.hidden", f"{m.feed_forward.hidden} hidden units do not "
@@ -471,6 +640,22 @@ def mesh_problem(spec: "Spec", sizes: dict[str, int]) -> tuple[str, str] | None:
     n = split("vocab")
     if n and m.vocab_size % n:
         return "model.vocab_size", f"{m.vocab_size} does not split over {names('vocab')}"
+    return None
+
+
+def _objective_problem(spec: "Spec") -> tuple[str, str] | None:
+    """Whether the training objective fits the model (and its options the vocabulary)."""
+    t, m = spec.train, spec.model
+    needed = OBJECTIVE_OF_KIND[m.kind]
+    if t.objective is not None and t.objective != needed:
+        return ("train.objective", f"{t.objective!r} does not train a model.kind {m.kind!r}: "
+                f"it needs {needed!r} (or leave train.objective unset)")
+    if t.loss_on != "all" and needed != "next_token":
+        return "train.loss_on", f"`answers` applies to the next-token loss, not to {needed!r}"
+    if needed == "mlm" and t.mlm.mask_token(m.vocab_size) >= m.vocab_size:
+        return ("train.mlm.mask_id", f"{t.mlm.mask_id} is not a token id of the model "
+                f"(vocab_size={m.vocab_size}); e.g. a byte store needs vocab_size 257 for "
+                "mask_id 256")
     return None
 
 
@@ -504,11 +689,16 @@ class Spec(Strict):
         elif 0 in sizes.values():
             problem = ("mesh", f"axis sizes must be >= 1 or -1, got {sizes}")
         else:
-            problem = mesh_problem(self, sizes)
+            problem = mesh_problem(self, sizes) or _objective_problem(self)
         if problem is not None:
             raise PydanticCustomError("spec_conflict", "{path}: {message}",
                                       {"path": problem[0], "message": problem[1]})
         return self
+
+    @property
+    def objective(self) -> Objective:
+        """`train.objective`, or the one `model.kind` trains with."""
+        return self.train.objective or OBJECTIVE_OF_KIND[self.model.kind]
 
     @property
     def run_dir(self) -> str:

@@ -11,8 +11,10 @@ import jax
 
 from rtlib import parallel
 from rtlib.errors import RunError
+from rtlib.nn.seq2seq import EncoderDecoder
 from rtlib.runs.evaluate import evaluate
 from rtlib.runs.sample import Sampling, generate
+from rtlib.runs.seq2seq import translate
 from rtlib.train.metrics_log import read_metrics
 from rtlib.train.start import Session
 from rtlib.train.train_log import TrainLog
@@ -21,10 +23,19 @@ SAMPLING = Sampling(temperature=0.8, top_p=0.95)  # a readable sample, not the g
 
 
 def headline(out: dict, unit: str) -> str:
-    """An evaluation in a few words: bits per unit, and answer accuracy where there is one."""
-    line = f"{out[f'bits_per_{unit}']:.3f} bits/{unit}"
+    """An evaluation in a few words: bits per unit (an encoder: per masked token, with its
+    accuracy), and answer accuracy or exact match where there is one."""
+    if "masked_bits" in out:
+        line = (f"{out['masked_bits']:.3f} bits/masked {unit}, masked accuracy "
+                f"{out['masked_accuracy']:.3f}")
+    else:
+        line = f"{out[f'bits_per_{unit}']:.3f} bits/{unit}"
+        if unit == "token" and "bits_per_byte" in out:  # a text tokenizer's: comparable
+            line += f" ({out['bits_per_byte']:.3f} bits/byte)"
     if "answer_accuracy" in out:
         line += f", answer accuracy {out['answer_accuracy']:.3f}"
+    if "exact_match" in out:
+        line += f", exact match {out['exact_match']:.3f}"
     return line
 
 
@@ -62,7 +73,7 @@ class Validation:
             out = evaluate(s.ts.model, s.ts.routing, s.store, "valid",
                            batch_size=s.spec.train.batch_size,
                            max_tokens=s.spec.data.eval_tokens, mesh=s.mesh,
-                           rules=s.spec.mesh.rules)
+                           rules=s.spec.mesh.rules, mlm=s.spec.train.mlm)
         except Exception:
             s.check_store(step, collective=False)  # a store replaced under the run: say so
             raise
@@ -72,8 +83,9 @@ class Validation:
 
 
 def wants_sample(session: Session) -> bool:
-    """Whether the run ends with a sample: `run.sample_tokens` and an encodable prompt."""
-    if not session.spec.run.sample_tokens:
+    """Whether the run ends with a sample: `run.sample_tokens`, an encodable prompt, and a
+    model that generates (an encoder does not)."""
+    if not session.spec.run.sample_tokens or session.spec.model.kind == "encoder":
         return False
     try:
         session.store.tokenizer.encode(session.spec.run.sample_prompt)
@@ -109,6 +121,8 @@ def final_sample(session: Session, log: TrainLog) -> str | None:
     vocabulary) or on processes other than 0. Every process must call it: the parameters are
     gathered collectively."""
     spec, tok = session.spec, session.store.tokenizer
+    if spec.model.kind == "encoder":
+        return None  # nothing to generate with
     # One sequence: sampled on one device from a gathered copy, by process 0 only.
     model, routing = parallel.host_local((session.ts.model, session.ts.routing))
     try:
@@ -118,6 +132,15 @@ def final_sample(session: Session, log: TrainLog) -> str | None:
         return None
     if not session.primary:
         return None
+    if isinstance(model, EncoderDecoder):  # the prompt as a source: its greedy target
+        out = translate(model, routing, prompt[:model.source_len], sampling=Sampling(0.0),
+                        key=jax.random.key(spec.run.seed), vocab_limit=tok.vocab_size,
+                        max_new_tokens=min(spec.run.sample_tokens, model.seq_len - 1))
+        text = tok.decode(out)
+        log.say(f"sample (greedy target of {spec.run.sample_prompt!r}):\n{text}")
+        log.write({"step": int(session.ts.step), "split": "sample",
+                   "prompt": spec.run.sample_prompt, "temperature": 0.0, "text": text})
+        return text
     out = generate(model, routing, prompt, max_new_tokens=spec.run.sample_tokens,
                    sampling=SAMPLING, vocab_limit=tok.vocab_size,
                    key=jax.random.key(spec.run.seed))

@@ -18,7 +18,7 @@ import jax
 
 from rtlib import parallel
 from rtlib.costs import check_fits, training_bytes
-from rtlib.errors import NonFiniteLoss, UnsupportedModel
+from rtlib.errors import NonFiniteLoss
 from rtlib.spec.schema import Spec
 from rtlib.train.checkpoint_policy import CheckpointPolicy
 from rtlib.train.eval_and_sample import Validation, final_sample, missing_at_end
@@ -54,10 +54,6 @@ def train(spec: Spec, *, progress: bool = True, print_fn: Callable[..., None] = 
     `accept_store_change` resumes on a token store other than the checkpoint's (refused
     otherwise). A finished run rerun makes what a kill kept it from writing: its final
     evaluation and sample."""
-    if spec.model.kind != "decoder":
-        raise UnsupportedModel("rtlib train optimises the next-token loss, which needs a decoder "
-                               "(model.kind: decoder); an encoder needs a masked-token objective, "
-                               "not implemented yet")
     parallel.initialize(spec.distributed)
     # Before anything is allocated: an asynchronously dispatched initialisation that cannot fit
     # would otherwise sit at 0% CPU instead of failing. A floor (perfectly sharded over the

@@ -25,9 +25,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from rtlib import parallel
 from rtlib.build import count_parameters
+from rtlib.data import paired
+from rtlib.data.images import check_axes, image_shape
 from rtlib.data.pipeline import train_dataset, train_iterator
 from rtlib.data.store import MANIFEST, StoreError, TokenStore, open_kvstore
 from rtlib.errors import RunError
+from rtlib.objectives import check_special_ids
 from rtlib.parallel.rules import batch_sharding
 from rtlib.spec.schema import Spec
 from rtlib.train.checkpoint import Checkpointer
@@ -42,7 +45,7 @@ class Session:
 
     spec: Spec
     mesh: Mesh
-    store: TokenStore
+    store: TokenStore | paired.PairedStore
     data: grain.DatasetIterator  # its position goes into every checkpoint
     checkpointer: Checkpointer
     ts: TrainState
@@ -60,8 +63,9 @@ class Session:
 
     @property
     def unit(self) -> str:
-        """What bits are counted per in logs: "byte" for byte-level stores, else "token"."""
-        return self.store.tokenizer.unit
+        """What bits are counted per in logs: "dim" (a channel byte) for image stores, "byte"
+        for other byte-level stores, else "token"."""
+        return "dim" if image_shape(self.store.manifest) else self.store.tokenizer.unit
 
     @property
     def can_eval(self) -> bool:
@@ -113,14 +117,17 @@ class Session:
         self.close()
 
 
-def open_store(spec: Spec) -> TokenStore:
+def open_store(spec: Spec) -> TokenStore | paired.PairedStore:
     """The spec's token store; refused (StoreError) when its token ids overflow the model's
-    vocabulary, which would fail late and obscurely inside the embedding."""
+    vocabulary, which would fail late and obscurely inside the embedding, or when per-axis
+    positions do not describe its images. An encoder-decoder's is a paired store."""
+    if spec.model.kind == "encoder_decoder":
+        return paired.open_for(spec)
     store = TokenStore.open(spec.data.path)
     vocab = store.tokenizer.vocab_size
-    if vocab > spec.model.vocab_size:
-        raise StoreError(f"{spec.data.path}: its tokenizer has {vocab} token ids but "
-                         f"model.vocab_size is {spec.model.vocab_size}")
+    store.check_fits(spec.model.vocab_size, spec.data.tokenizer)
+    check_axes(spec.model.embedding.axes, store)
+    check_special_ids(spec, vocab, spec.data.path)
     return store
 
 
@@ -153,7 +160,7 @@ def _short(digest: str | None) -> str:
     return digest[:16] if digest else "(no manifest)"
 
 
-def has_validation(store: TokenStore) -> bool:
+def has_validation(store: TokenStore | paired.PairedStore) -> bool:
     """Whether the store has a validation split to evaluate on (two tokens make one target)."""
     return "valid" in store.manifest["splits"] and store.num_tokens("valid") >= 2
 
@@ -197,6 +204,9 @@ def start_or_resume(spec: Spec, mesh: Mesh, *, primary: bool, say: Callable[[str
     digest = store_digest(store.manifest)
     if not has_validation(store):
         say(f"note: {spec.data.path} has no validation tokens: no evaluation")
+    if isinstance(store, paired.PairedStore) and (note := paired.fit_note(
+            store, spec.model.seq_len, spec.model.decoder.seq_len)):
+        say(note)
     lock = lock_run_dir(run_dir, primary=primary, say=say)
     try:
         return _start(spec, mesh, store, digest, lock, primary=primary, say=say,
@@ -207,15 +217,23 @@ def start_or_resume(spec: Spec, mesh: Mesh, *, primary: bool, say: Callable[[str
         raise
 
 
-def _start(spec: Spec, mesh: Mesh, store: TokenStore, digest: str, lock: RunLock | None, *,
+def _start(spec: Spec, mesh: Mesh, store: TokenStore | paired.PairedStore, digest: str,
+           lock: RunLock | None, *,
            primary: bool, say: Callable[[str], None], accept_store_change: bool) -> Session:
     run_dir = Path(spec.run_dir)
     n, batch = spec.model.seq_len, spec.train.batch_size
     rows = batch_sharding(mesh, spec.mesh.rules)
-    shard, shards = parallel.data_shard(rows, (batch, n + 1))
     with_answers = spec.train.loss_on == "answers"
-    dataset = train_dataset(store, "train", seq_len=n, batch_size=batch, seed=spec.run.seed,
-                            process_index=shard, process_count=shards, answers=with_answers)
+    batch_shape = (batch, 2, n + 1) if with_answers else (batch, n + 1)
+    if isinstance(store, paired.PairedStore):
+        batch_shape = (batch, paired.row_length(spec))
+        shard, shards = parallel.data_shard(rows, batch_shape)
+        dataset = paired.train_pairs(spec, store, process_index=shard, process_count=shards)
+    else:
+        shard, shards = parallel.data_shard(rows, (batch, n + 1))
+        dataset = train_dataset(store, "train", seq_len=n, batch_size=batch,
+                                seed=spec.run.seed, process_index=shard,
+                                process_count=shards, answers=with_answers)
     data = train_iterator(dataset, threads=spec.data.read_threads, prefetch=spec.data.prefetch)
     checkpointer = Checkpointer(run_dir, keep=spec.run.keep)
     try:
@@ -227,7 +245,7 @@ def _start(spec: Spec, mesh: Mesh, store: TokenStore, digest: str, lock: RunLock
         raise
     return Session(spec=spec, mesh=mesh, store=store, data=data, checkpointer=checkpointer,
                    ts=ts, tokens_seen=tokens_seen, start=int(ts.step), primary=primary,
-                   rows=rows, batch_shape=(batch, 2, n + 1) if with_answers else (batch, n + 1),
+                   rows=rows, batch_shape=batch_shape,
                    store_digest=digest, lock=lock)
 
 
@@ -250,7 +268,8 @@ def _check_store(saved: str | None, digest: str, spec: Spec, run_dir: Path, step
         "continue on this one.")
 
 
-def _fresh_or_restored(spec: Spec, mesh: Mesh, store: TokenStore, data: grain.DatasetIterator,
+def _fresh_or_restored(spec: Spec, mesh: Mesh, store: TokenStore | paired.PairedStore,
+                       data: grain.DatasetIterator,
                        checkpointer: Checkpointer, digest: str, *, primary: bool,
                        say: Callable[[str], None],
                        accept_store_change: bool) -> tuple[TrainState, int]:

@@ -17,12 +17,13 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int, PRNGKeyArray, UInt32
 
 from rtlib.build import build
-from rtlib.nn.model import RoutingTransformer, Stats
-from rtlib.objectives import next_token_loss
+from rtlib.nn.model import Stats
+from rtlib.nn.seq2seq import EncoderDecoder, Model
+from rtlib.objectives import masked_lm_loss, next_token_loss, seq2seq_loss, split_pairs
 from rtlib.parallel import activate, constrain, constrain_as, state_shardings
 from rtlib.parallel.rules import is_array_leaf, rules_key
 from rtlib.routing import RoutingState
-from rtlib.spec.schema import AxisRules, Spec, TrainSpec
+from rtlib.spec.schema import OBJECTIVE_OF_KIND, AxisRules, ModelSpec, Spec, TrainSpec
 from rtlib.train.optim import make_optimizer, schedule_key
 
 
@@ -30,7 +31,7 @@ class TrainState(eqx.Module):
     """Everything training changes, and so everything a checkpoint must hold for an exact
     resume: model, routing state, optimiser state, step counter and RNG key."""
 
-    model: RoutingTransformer
+    model: Model
     routing: RoutingState
     opt_state: optax.OptState
     step: Int[Array, ""]
@@ -70,7 +71,7 @@ def init_train_state(spec: Spec, *, key: PRNGKeyArray) -> TrainState:
                       jax.random.key_data(k_train))
 
 
-def _compute_dtype(model: RoutingTransformer, dtype: str) -> RoutingTransformer:
+def _compute_dtype(model: Model, dtype: str) -> Model:
     """The model with float parameters cast for the forward pass; gradients flow back to the
     float32 masters through the cast. The routing state (centroids) is not touched."""
     if dtype == "float32":
@@ -100,8 +101,10 @@ def routing_metrics(stats: Stats) -> dict[str, Array]:
 
 def train_step_for(spec: Spec, mesh: Mesh | None = None):
     """The jitted step for a spec: `step(batch, state) -> (state, metrics)`; `batch` is tokens
-    [batch, seq_len + 1], or [batch, 2, seq_len + 1] (tokens, answer mask) with
-    `train.loss_on: answers`. With a `mesh`, the
+    [batch, seq_len + 1] (the masked-LM objective reads the first seq_len), or
+    [batch, 2, seq_len + 1] (tokens, answer mask) with `train.loss_on: answers`, or packed
+    (source, target) pairs [batch, seq_len + decoder.seq_len + 1] for an encoder-decoder
+    (`rtlib.objectives.split_pairs`). With a `mesh`, the
     batch is split over the data axes and the state keeps the shardings of `mesh.rules`
     (`init_sharded`). Cached by the settings that shape it, so a resumed, extended or repeated
     run in the same process reuses the compiled program."""
@@ -122,16 +125,23 @@ def train_step_for(spec: Spec, mesh: Mesh | None = None):
 
 @functools.lru_cache(maxsize=8)
 def _train_step(key: str):
-    train = TrainSpec.model_validate(json.loads(key)["train"])
+    settings = json.loads(key)
+    train = TrainSpec.model_validate(settings["train"])
+    objective = train.objective or OBJECTIVE_OF_KIND[ModelSpec.model_validate(
+        settings["model"]).kind]
     optimizer = make_optimizer(train)
     micro = train.micro_batches
     dtype = train.compute_dtype
 
     def loss_fn(model, routing, batch, key):
+        model = _compute_dtype(model, dtype)
+        if objective == "mlm":  # windows of seq_len + 1 tokens: the encoder reads seq_len
+            return masked_lm_loss(model, routing, batch[:, :-1], train.mlm, key=key)
+        if objective == "seq2seq":
+            return seq2seq_loss(model, routing, batch, key=key)
         # batch: tokens [b, n + 1], or [b, 2, n + 1] = tokens and answer mask (loss_on answers)
         tokens, targets = (batch, None) if batch.ndim == 2 else (batch[:, 0], batch[:, 1] > 0)
-        return next_token_loss(_compute_dtype(model, dtype), routing, tokens, key=key,
-                               targets_mask=targets)
+        return next_token_loss(model, routing, tokens, key=key, targets_mask=targets)
 
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
 
@@ -183,11 +193,12 @@ def _train_step(key: str):
     return step
 
 
-def init_routing(tokens: Int[Array, "batch seq_plus_one"], ts: TrainState, *,
+def init_routing(tokens: Int[Array, "batch row"], ts: TrainState, *,
                  key: PRNGKeyArray, mesh: Mesh | None = None,
                  rules: AxisRules | None = None) -> TrainState:
     """Data-dependent centroid initialisation (`routing.init: kmeans`) from a (global)
-    training batch; on `mesh` the centroids come out replicated on every device."""
+    training batch (tokens, or an encoder-decoder's packed pairs); on `mesh` the centroids
+    come out replicated on every device."""
     if mesh is None:
         return _init_routing(tokens, ts, key, "")
     with activate(mesh, rules):
@@ -196,5 +207,12 @@ def init_routing(tokens: Int[Array, "batch seq_plus_one"], ts: TrainState, *,
 
 @eqx.filter_jit
 def _init_routing(tokens, ts, key, layout: str):  # layout: static, see rules_key
-    routing = constrain(ts.model.init_routing(tokens[:, :-1], ts.routing, key=key))
+    model = ts.model
+    if isinstance(model, EncoderDecoder):
+        source, source_mask, target, target_mask = split_pairs(tokens, model.source_len)
+        routing = model.init_routing(source, target[:, :-1], ts.routing, key=key,
+                                     source_mask=source_mask, target_mask=target_mask[:, :-1])
+    else:
+        routing = model.init_routing(tokens[:, :-1], ts.routing, key=key)
+    routing = constrain(routing)
     return eqx.tree_at(lambda t: t.routing, ts, routing)

@@ -32,7 +32,8 @@ class TrainLog:
         self.log_every = spec.run.log_every
         self.tokens_per_step = spec.train.batch_size * spec.model.seq_len
         self.lr_at = learning_rate(spec.train)
-        self.metrics = open_metrics_log(session.run_dir, session.start, primary=session.primary)
+        self.metrics = open_metrics_log(session.run_dir, session.start, primary=session.primary,
+                                        tensorboard=spec.run.tensorboard)
         self.bar = tqdm(total=spec.train.steps, initial=session.start,
                         desc=f"train {session.run_dir.name}", unit="step",
                         disable=not (progress and session.primary), dynamic_ncols=True,
