@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from rtlib.nn.block import Block
+from rtlib.nn.block import Block, CrossBlock
 from rtlib.nn.layers import AxisPositions, Embedding, LayerNorm, Linear
 from rtlib.nn.model import RoutingTransformer
 from rtlib.nn.seq2seq import EncoderDecoder, Model
@@ -55,7 +55,8 @@ def _stages(spec: ModelSpec, k_blocks: PRNGKeyArray, k_cent: PRNGKeyArray, *,
         groups, jax.random.split(k_blocks, len(groups)), jax.random.split(k_cent, len(groups)),
         strict=True,
     ):
-        make = lambda k, c=counts: Block(spec, c, key=k, cross=cross)  # noqa: E731
+        make = ((lambda k, c=counts: Block(spec, c, key=k)) if cross is None else  # noqa: E731
+                (lambda k, c=counts: CrossBlock(spec, c, key=k, cross=cross)))
         stages.append(eqx.filter_vmap(make)(jax.random.split(k_stage, n_layers)))
         if counts.routing:
             shape = (n_layers, counts.routing, routing.clusters, spec.head_dim)

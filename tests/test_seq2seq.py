@@ -246,3 +246,20 @@ def test_both_kinds_train_on_eight_devices_as_on_one(kind):
     if kind == "encoder_decoder":  # teacher forcing: the loss is only on real target tokens
         model, routing = ts1.model, ts1.routing
         assert float(seq2seq_loss(model, routing, jnp.asarray(batch))[1][0]) > 0
+
+
+def test_only_encoder_decoder_blocks_carry_cross_attention():
+    """A decoder's parameter tree is the one checkpoints were written with before
+    encoder-decoders existed (orbax refuses a restore whose tree has extra fields, even None):
+    no block field for cross-attention there; the decoder stack of an encoder-decoder has it."""
+    def paths(model):
+        arrays = eqx.filter(model, eqx.is_array)
+        return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+            arrays, is_leaf=lambda x: x is None)[0]]
+
+    decoder = eqx.filter_eval_shape(lambda: build(load_spec(str(ROOT / "specs" / "tiny.yaml")),
+                                                  key=jax.random.key(0))[0])
+    assert not [p for p in paths(decoder) if "cross" in p]
+    seq2seq = eqx.filter_eval_shape(lambda: build(load_spec(SEQ2SEQ, SMALL),
+                                                  key=jax.random.key(0))[0])
+    assert [p for p in paths(seq2seq) if ".cross." in p]

@@ -41,31 +41,29 @@ class FeedForward(eqx.Module):
 
 class Block(eqx.Module):
     """Pre-norm: x + f(norm(x)) for each sublayer; post-norm (paper T2T "dan"): norm(x + f(x)).
-    The sublayers: mixed self-attention, then (a decoder of an encoder-decoder only)
-    cross-attention to the encoder's output, then the feed-forward network."""
+    The sublayers: mixed self-attention, then the feed-forward network (`CrossBlock` adds
+    cross-attention between them). No cross-attention fields here: a decoder's parameter tree,
+    and so every checkpoint written before encoder-decoders existed, stays as it was."""
 
     attn: MixedAttention
-    cross: CrossAttention | None
     ffn: FeedForward
     norm1: LayerNorm
-    norm_cross: LayerNorm | None
     norm2: LayerNorm
     pre_norm: bool = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
 
-    def __init__(self, spec: ModelSpec, counts: HeadCounts, *, key: PRNGKeyArray,
-                 cross: tuple[int, int] | None = None):
-        """`cross`: (heads, head_dim) of a cross-attention sublayer, or None for none."""
+    def __init__(self, spec: ModelSpec, counts: HeadCounts, *, key: PRNGKeyArray):
         ka, kf = jax.random.split(key)
-        kc = jax.random.fold_in(key, 2)  # apart from ka, kf: blocks without it keep their init
         self.attn = MixedAttention(spec, counts, key=ka)
         self.ffn = FeedForward(spec, key=kf)
         self.norm1 = LayerNorm(spec.d_model, axes=("embed",))
         self.norm2 = LayerNorm(spec.d_model, axes=("embed",))
-        self.cross = None if cross is None else CrossAttention(spec.d_model, *cross, key=kc)
-        self.norm_cross = None if cross is None else LayerNorm(spec.d_model, axes=("embed",))
         self.pre_norm = spec.norm == "pre"
         self.dropout = spec.dropout
+
+    def cross_parts(self) -> tuple[CrossAttention, LayerNorm] | None:
+        """(cross-attention, its norm), or None for a block without cross-attention."""
+        return None
 
     def __call__(
         self,
@@ -80,7 +78,7 @@ class Block(eqx.Module):
         memory: EncoderOutput | None = None,
     ) -> tuple[Float[Array, "batch seq dmodel"], RoutingStats | None, Array | None]:
         """`memory`: the encoder output a decoder block with cross-attention reads."""
-        self._check(memory)
+        cross = self._check(memory)
         # as without cross-attention, plus a third key for it
         keys = (None,) * 3 if key is None else (*jax.random.split(key), jax.random.fold_in(key, 2))
         drop = [lambda h, k=k: dropout(h, self.dropout, k, inference) for k in keys]
@@ -88,9 +86,8 @@ class Block(eqx.Module):
             x, self.norm1, lambda h: _split_first(self.attn(h, centroids, mask=mask,
                                                             init_key=init_key,
                                                             init_iters=init_iters)), drop[0])
-        if self.cross is not None:
-            x, _ = self._sublayer(x, self.norm_cross, lambda h: (self.cross(h, memory), None),
-                                  drop[2])
+        if cross is not None:
+            x, _ = self._sublayer(x, cross[1], lambda h: (cross[0](h, memory), None), drop[2])
         x, _ = self._sublayer(x, self.norm2, lambda h: (self.ffn(h), None), drop[1])
         return x, stats, used
 
@@ -100,13 +97,12 @@ class Block(eqx.Module):
                 ) -> tuple[Float[Array, "batch seq dmodel"], LayerCache]:
         """Inference over a prompt, returning the attention's decoding cache (with
         cross-attention, its keys and values over the source last)."""
-        self._check(memory)
+        cross = self._check(memory)
         x, cache = self._sublayer(
             x, self.norm1, lambda h: self.attn.prefill(h, centroids, capacity=capacity))
-        if self.cross is not None:
-            x, cross = self._sublayer(x, self.norm_cross,
-                                      lambda h: self.cross.prefill(h, memory))
-            cache = (*cache, cross)
+        if cross is not None:
+            x, kv = self._sublayer(x, cross[1], lambda h: cross[0].prefill(h, memory))
+            cache = (*cache, kv)
         x, _ = self._sublayer(x, self.norm2, lambda h: (self.ffn(h), None))
         return x, cache
 
@@ -114,13 +110,13 @@ class Block(eqx.Module):
                centroids: Float[Array, "rheads clusters hdim"] | None, cache: LayerCache,
                pos: Int[Array, ""]) -> tuple[Float[Array, "batch 1 dmodel"], LayerCache]:
         """One new token, reading and extending the cache."""
-        own = cache if self.cross is None else cache[:-1]
+        cross = self.cross_parts()
+        own = cache if cross is None else cache[:-1]
         x, own = self._sublayer(x, self.norm1,
                                 lambda h: self.attn.decode(h, centroids, own, pos))
-        if self.cross is not None:
-            x, cross = self._sublayer(x, self.norm_cross,
-                                      lambda h: self.cross.decode(h, cache[-1]))
-            own = (*own, cross)
+        if cross is not None:
+            x, kv = self._sublayer(x, cross[1], lambda h: cross[0].decode(h, cache[-1]))
+            own = (*own, kv)
         x, _ = self._sublayer(x, self.norm2, lambda h: (self.ffn(h), None))
         return x, own
 
@@ -132,10 +128,32 @@ class Block(eqx.Module):
         h, extra = f(x)
         return norm(x + drop(h)), extra
 
-    def _check(self, memory: EncoderOutput | None) -> None:
-        problem = no_memory_error(memory, self.cross is not None)
+    def _check(self, memory: EncoderOutput | None) -> tuple[CrossAttention, LayerNorm] | None:
+        cross = self.cross_parts()
+        problem = no_memory_error(memory, cross is not None)
         if problem is not None:
             raise ValueError(problem)
+        return cross
+
+
+class CrossBlock(Block):
+    """A decoder block of an encoder-decoder: `Block`'s sublayers with cross-attention to the
+    encoder's output between self-attention and the feed-forward network."""
+
+    cross: CrossAttention
+    norm_cross: LayerNorm
+
+    def __init__(self, spec: ModelSpec, counts: HeadCounts, *, key: PRNGKeyArray,
+                 cross: tuple[int, int]):
+        """`cross`: (heads, head_dim) of the cross-attention sublayer."""
+        super().__init__(spec, counts, key=key)
+        # a key apart from the self-attention's and feed-forward's (Block's split of `key`)
+        self.cross = CrossAttention(spec.d_model, *cross, key=jax.random.fold_in(key, 2))
+        self.norm_cross = LayerNorm(spec.d_model, axes=("embed",))
+
+    def cross_parts(self) -> tuple[CrossAttention, LayerNorm]:
+        """(cross-attention, its norm)."""
+        return self.cross, self.norm_cross
 
 
 def _split_first(result):
