@@ -60,9 +60,9 @@ def text_store(tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-    """Drop every compiled program after each test module. One process compiles over a
-    thousand XLA:CPU programs in this suite, and the JIT keeps each one's code mapped: past
-    about 400 tests, compiling crashed (a segfault in `backend_compile_and_load`, always in the
-    same late test, which passes on its own and in a shorter run)."""
+    """Drop every compiled program after each test module. With the suite at about 420 tests
+    in one process, XLA:CPU compilation segfaulted twice in the same late test (which passes
+    on its own and in a shorter run); the cause is not pinned down (not the process's memory
+    map count: about 1,000 maps), and with the caches cleared per module the suite passes."""
     yield
     jax.clear_caches()
