@@ -2,16 +2,13 @@
 dim, i.e. channel byte, for images), perplexity; for stores with an answer mask (synthetic
 tasks) also the greedy accuracy and nll of answers."""
 
-import contextlib
 import math
-import sys
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
-from tqdm import tqdm
 
 from rtlib.data.images import image_shape
 from rtlib.data.paired import PairedStore
@@ -20,10 +17,9 @@ from rtlib.data.store import StoreError, TokenStore
 from rtlib.nn.model import RoutingTransformer
 from rtlib.nn.seq2seq import EncoderDecoder, Model
 from rtlib.objectives import next_token_nll
-from rtlib.parallel import activate, from_global
-from rtlib.parallel.rules import batch_sharding, rules_key
 from rtlib.routing import RoutingState
 from rtlib.runs.masked_lm import evaluate_masked
+from rtlib.runs.scoring import Placement, progress_bar
 from rtlib.runs.seq2seq import evaluate_seq2seq
 from rtlib.spec.schema import AxisRules, MaskedLMSpec
 
@@ -63,21 +59,15 @@ def evaluate(model: Model, routing: RoutingState, store: TokenStore | PairedStor
                                mlm=mlm or MaskedLMSpec(), max_tokens=max_tokens, mesh=mesh,
                                rules=rules, progress=progress)
     sums = [0.0] * 5
-    rows = None if mesh is None else batch_sharding(mesh, rules)
-    with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
+    place = Placement(mesh, rules)
+    with place:
         # Targets to score, for the progress bar (tokens/s and ETA on stderr).
         todo = min(store.num_tokens(split), (max_tokens or math.inf) + 1) - 1
-        bar = tqdm(total=todo, unit="tok", unit_scale=True, disable=not progress,
-                   desc=f"eval {split}", file=sys.stderr, dynamic_ncols=True, leave=False)
+        bar = progress_bar(todo, split, progress=progress)
         for batch in eval_batches(store, split, seq_len=model.seq_len,
                                   batch_size=batch_size, max_tokens=max_tokens):
             bar.update(int(batch[1][:, 1:].sum()))
-            if rows is None:
-                batch = [jnp.asarray(x) for x in batch]
-            else:
-                batch = [from_global(x, rows) for x in batch]
-            out = _nll_sum(model, routing, *batch,
-                           "" if mesh is None else rules_key(rules or AxisRules()))
+            out = _nll_sum(model, routing, *[place.put(x) for x in batch], place.layout)
             sums = [a + float(b) for a, b in zip(sums, out)]
         bar.close()
     total_nll, total, answer_nll, correct, asked = sums

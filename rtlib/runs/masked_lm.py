@@ -3,24 +3,20 @@ into consecutive windows of seq_len tokens, each corrupted as in training (`trai
 seeded key per batch, so a split scores the same every time), and the chosen tokens predicted:
 masked-token nll, bits and greedy accuracy."""
 
-import contextlib
 import math
-import sys
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
-from tqdm import tqdm
 
 from rtlib.data.pipeline import eval_batches
 from rtlib.data.store import TokenStore
 from rtlib.nn.model import RoutingTransformer
 from rtlib.objectives import masked_lm_nll
-from rtlib.parallel import activate, from_global
-from rtlib.parallel.rules import batch_sharding, rules_key
 from rtlib.routing import RoutingState
+from rtlib.runs.scoring import Placement, progress_bar
 from rtlib.spec.schema import AxisRules, MaskedLMSpec
 
 
@@ -48,20 +44,18 @@ def evaluate_masked(model: RoutingTransformer, routing: RoutingState, store: Tok
     its data axes; every process passes the same arguments."""
     n = model.seq_len
     sums = [0.0] * 3
-    rows = None if mesh is None else batch_sharding(mesh, rules)
-    with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
+    place = Placement(mesh, rules)
+    with place:
         todo = min(store.num_tokens(split), max_tokens or math.inf)
-        bar = tqdm(total=todo, unit="tok", unit_scale=True, disable=not progress,
-                   desc=f"eval {split}", file=sys.stderr, dynamic_ncols=True, leave=False)
+        bar = progress_bar(todo, split, progress=progress)
         # windows of seq_len + 1 overlap by one token: their first seq_len cover each once
         for index, (tokens, mask, _) in enumerate(eval_batches(
                 store, split, seq_len=n, batch_size=batch_size, max_tokens=max_tokens)):
             tokens, mask = tokens[:, :n], mask[:, :n]
             bar.update(int(mask.sum()))
-            put = jnp.asarray if rows is None else (lambda x: from_global(x, rows))
-            out = _masked_sums(model, routing, put(tokens), put(mask),
+            out = _masked_sums(model, routing, place.put(tokens), place.put(mask),
                                jax.random.fold_in(jax.random.key(seed), index), mlm,
-                               "" if mesh is None else rules_key(rules or AxisRules()))
+                               place.layout)
             sums = [a + float(b) for a, b in zip(sums, out, strict=True)]
         bar.close()
     total_nll, chosen, correct = sums

@@ -3,10 +3,8 @@ bits with teacher forcing; `exact_match` of greedy decoding) and turn a source i
 (greedy, temperature, top-k, top-p), decoding with the cache: the source is encoded once and
 every decoder layer's cross-attention keys and values come from that one pass."""
 
-import contextlib
 import functools
 import math
-import sys
 
 import equinox as eqx
 import jax
@@ -14,16 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
-from tqdm import tqdm
 
 from rtlib.data.paired import PairedStore, pack_pairs, pair_batches
 from rtlib.errors import BadArgument
 from rtlib.nn.seq2seq import EncoderDecoder
 from rtlib.objectives import seq2seq_nll, split_pairs
-from rtlib.parallel import activate, from_global
-from rtlib.parallel.rules import batch_sharding, rules_key
 from rtlib.routing import RoutingState
 from rtlib.runs.sample import Sampling, pick
+from rtlib.runs.scoring import Placement, progress_bar
 from rtlib.spec.schema import AxisRules
 
 
@@ -84,21 +80,19 @@ def evaluate_seq2seq(model: EncoderDecoder, routing: RoutingState, store: Paired
     (with the cache) is exactly the target. With a `mesh`, batches are split over its data
     axes; every process passes the same arguments."""
     vocab_limit = store.tokenizer.vocab_size
-    rows = None if mesh is None else batch_sharding(mesh, rules)
-    layout = "" if mesh is None else rules_key(rules or AxisRules())
+    place = Placement(mesh, rules)
     sums, matches, examples = np.zeros(3), 0, 0
-    with contextlib.nullcontext() if mesh is None else activate(mesh, rules):
-        bar = tqdm(total=store.examples(split), unit="example", disable=not progress,
-                   desc=f"eval {split}", file=sys.stderr, dynamic_ncols=True, leave=False)
+    with place:
+        bar = progress_bar(store.examples(split), split, progress=progress, unit="example")
         for batch, targets in pair_batches(
                 store, split, source_len=model.source_len, seq_len=model.seq_len,
                 start_id=model.start_id, end_id=model.end_id, batch_size=batch_size,
                 max_tokens=max_tokens):
-            packed = jnp.asarray(batch) if rows is None else from_global(batch, rows)
-            sums += np.asarray(_nll_sums(model, routing, packed, layout), np.float64)
+            packed = place.put(batch)
+            sums += np.asarray(_nll_sums(model, routing, packed, place.layout), np.float64)
             source, source_mask, _, _ = split_pairs(packed, model.source_len)
             decoded = np.asarray(greedy_decode(model, routing, source, source_mask,
-                                               vocab_limit, layout))
+                                               vocab_limit, place.layout))
             for row, target in zip(decoded, targets, strict=False):
                 matches += np.array_equal(cut_at_end(row, model.end_id), target)
             examples += len(targets)
