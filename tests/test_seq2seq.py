@@ -162,7 +162,8 @@ def test_synth_reverse_pairs_lines_with_their_reversal(reverse_store, tmp_path, 
     assert (target[0, 1:n + 1] == source[0, :n][::-1]).all()
 
 
-def test_train_eval_and_generate_an_encoder_decoder(reverse_store, tmp_path, capsys):
+def test_train_eval_and_generate_an_encoder_decoder(reverse_store, text_store, tmp_path,
+                                                     capsys):
     run = tmp_path / "run"
     args = ["train", SEQ2SEQ, *SMALL, f"data.path={reverse_store}", f"run.dir={run}",
             "train.steps=40", "train.batch_size=16", "train.warmup_steps=5",
@@ -195,7 +196,7 @@ def test_train_eval_and_generate_an_encoder_decoder(reverse_store, tmp_path, cap
     assert "give --source TEXT" in capsys.readouterr().err
     assert main(["generate", str(run), "--source", "x" * 9]) == 2
     assert "the model reads at most model.seq_len=8" in capsys.readouterr().err
-    assert main(["train", SEQ2SEQ, *SMALL, f"data.path={ROOT / 'data' / 'stdlib'}",
+    assert main(["train", SEQ2SEQ, *SMALL, f"data.path={text_store}",
                  f"run.dir={tmp_path / 'wrong'}"]) == 1
     assert "a token store, not a paired store" in capsys.readouterr().err
 
