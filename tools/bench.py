@@ -134,7 +134,7 @@ def matmul_gflops(seconds: float = 2.0) -> float:
                                          min_seconds=seconds) / 1e9
 
 
-def worker_train(steps: int, n: int = 4096) -> dict:
+def worker_train(steps: int, n: int = 4096, overrides: tuple[str, ...] = ()) -> dict:
     import jax
     import numpy as np
 
@@ -143,7 +143,8 @@ def worker_train(steps: int, n: int = 4096) -> dict:
     from rtlib.spec import load_spec
     from rtlib.train.step import init_sharded, train_step_for
 
-    spec = load_spec(ROOT / "specs" / "bench-4k.yaml", ["mesh.data=1", *length_overrides(n)])
+    spec = load_spec(ROOT / "specs" / "bench-4k.yaml",
+                     ["mesh.data=1", *length_overrides(n), *overrides])
     mesh = single_device_mesh()
     ts = init_sharded(spec, mesh, key=jax.random.key(0))
     step = train_step_for(spec, mesh)
@@ -169,7 +170,7 @@ def worker_train(steps: int, n: int = 4096) -> dict:
     gflops = matmul_gflops()
     return {"part": "train", "impl": "rtlib", "n": n, "s_per_step": seconds,
             "tokens_per_s": b * n / seconds, "compile_s": compile_s,
-            "peak_rss_mb": _rss_mb(), "loss": float(m["loss"]),
+            "peak_rss_mb": _rss_mb(), "loss": float(m["loss"]), "overrides": list(overrides),
             "dense_gflop": dense_flops / 1e9, "matmul_gflops": gflops,
             "floor_s": dense_flops / 1e9 / gflops}
 
@@ -361,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--train-lengths", default="4096,16384,32768",
                         help="sequence lengths of the training-step comparison")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a spec override for rtlib's training step (repeatable), e.g. "
+                        "model.remat=true")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if what == "attention":
             result = worker_attention(args.worker[1], int(args.worker[2]))
         elif what == "train":
-            result = worker_train(int(args.worker[1]), int(args.worker[2]))
+            result = worker_train(int(args.worker[1]), int(args.worker[2]), args.worker[3:])
         else:
             result = worker_peer(int(args.worker[1]), int(args.worker[2]))
         print(json.dumps(result))
@@ -415,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         for part, impl in (("train", "rtlib"), ("peer", "routing-transformer")):
             if part not in parts:
                 continue
-            r = {"impl": impl, "n": n, **_run_worker([part, str(args.steps), str(n)],
+            extra = args.set if part == "train" else []
+            r = {"impl": impl, "n": n, **_run_worker([part, str(args.steps), str(n), *extra],
                                                      args.timeout)}
             rows.append(r)
             log(f"{part} {impl} n={n}: " + (r["error"] if "error" in r else

@@ -2,7 +2,8 @@
 layer and its head kinds (`rtlib.nn.heads`), cross-attention, and small building blocks."""
 
 from rtlib.nn.attention import MixedAttention
-from rtlib.nn.block import Block, CrossBlock, FeedForward
+from rtlib.nn.block import Block, CrossBlock
+from rtlib.nn.feed_forward import FeedForward
 from rtlib.nn.cross_attention import CrossAttention, EncoderOutput
 from rtlib.nn.heads import HEAD_KINDS, AttentionHeads
 from rtlib.nn.layers import Embedding, LayerNorm, Linear

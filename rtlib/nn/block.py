@@ -7,36 +7,10 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from rtlib.nn.attention import LayerCache, MixedAttention
 from rtlib.nn.cross_attention import CrossAttention, EncoderOutput, no_memory_error
+from rtlib.nn.feed_forward import FeedForward
 from rtlib.nn.layers import LayerNorm, Linear, dropout
 from rtlib.routing import RoutingStats
 from rtlib.spec.schema import HeadCounts, ModelSpec
-
-
-class FeedForward(eqx.Module):
-    """GELU or ReLU MLP, or GEGLU (gelu(x W_a) * (x W_b)) W_2."""
-
-    w_in: Linear
-    w_out: Linear
-    activation: str = eqx.field(static=True)
-
-    def __init__(self, spec: ModelSpec, *, key: PRNGKeyArray):
-        ff = spec.feed_forward
-        k1, k2 = jax.random.split(key)
-        width = 2 * ff.hidden if ff.activation == "geglu" else ff.hidden
-        self.w_in = Linear(spec.d_model, width, bias=ff.bias, key=k1, axes=("embed", "mlp"))
-        self.w_out = Linear(ff.hidden, spec.d_model, bias=ff.bias, key=k2, axes=("mlp", "embed"))
-        self.activation = ff.activation
-
-    def __call__(self, x: Float[Array, "*batch dmodel"]) -> Float[Array, "*batch dmodel"]:
-        h = self.w_in(x)
-        if self.activation == "geglu":
-            a, b = jax.numpy.split(h, 2, axis=-1)
-            h = jax.nn.gelu(a) * b
-        elif self.activation == "gelu":
-            h = jax.nn.gelu(h)
-        else:
-            h = jax.nn.relu(h)
-        return self.w_out(h)
 
 
 class Block(eqx.Module):
