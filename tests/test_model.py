@@ -224,7 +224,7 @@ def test_the_feed_forward_backward_pass_equals_autodiff(activation, bias, chunk,
         return lambda *args: jnp.sum(f(*args) * probe)
 
     args = (x, w_in, b_in, w_out, b_out)
-    lean = lambda *a: mlp(*a, activation, chunk)  # noqa: E731
+    lean = lambda *a: mlp(*a, activation, chunk)
     assert max_abs(lean(*args), plain(*args)) < 1e-5
     argnums = (0, 1, 2, 3, 4) if bias else (0, 1, 3)
     assert_tree_allclose(jax.grad(loss(lean), argnums)(*args),

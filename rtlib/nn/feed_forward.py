@@ -70,7 +70,7 @@ def _mlp_bwd(activation, chunk, res, dy):
         h = _bias(xm @ w_in.astype(xm.dtype), b_in)
         g, act_vjp = jax.vjp(lambda h: activate(h, activation), h)
         (dh,) = act_vjp(dym @ w_out.astype(dym.dtype).T)
-        f32 = lambda t: t.astype(jnp.float32)  # noqa: E731  (weight gradients in float32)
+        f32 = lambda t: t.astype(jnp.float32)  # weight gradients in float32
         return ((dh @ w_in.astype(dh.dtype).T).reshape(xc.shape), f32(xm.T @ dh),
                 f32(jnp.sum(dh, 0)), f32(g.T @ dym), f32(jnp.sum(dym, 0)))
 
