@@ -54,7 +54,8 @@ def test_bench_ratios_pair_each_length_and_keep_what_is_missing():
         {"impl": "routing-transformer", "n": 4096, "tokens_per_s": 1500.0,
          "peak_rss_mb": 1200.0},
         {"impl": "rtlib", "n": 16384, "tokens_per_s": 2000.0, "peak_rss_mb": 900.0,
-         "s_per_step": 16384 / 2000, "floor_s": 4.0},
+         "s_per_step": 16384 / 2000, "floor_s": 4.0,
+         "overrides": ["model.remat=true", "model.scan_unroll=1"]},
         {"impl": "routing-transformer", "n": 16384, "error": "exit -9: killed"},
     ]
     short, long = bench.train_ratios(rows)
@@ -64,3 +65,4 @@ def test_bench_ratios_pair_each_length_and_keep_what_is_missing():
     text = bench._markdown({"train": rows, "ratios": [short, long]})
     assert "| 4,096 | 3,000 | 1,500 | 2.00 |" in text
     assert "routing-transformer n=16384: exit -9: killed" in text
+    assert "- rtlib with `model.remat=true model.scan_unroll=1`" in text

@@ -272,7 +272,9 @@ def _markdown(results: dict) -> str:
                 ("step_over_floor", ".2f"))) + " |")
         errors = [f"{r['impl']} n={r['n']}: {r['error']}" for r in results.get("train", [])
                   if "error" in r]
-        out += [""] + [f"- {e}" for e in errors]
+        overrides = sorted({" ".join(r.get("overrides", [])) for r in results.get("train", [])
+                            if r.get("overrides")})
+        out += [""] + [f"- rtlib with `{o}`" for o in overrides] + [f"- {e}" for e in errors]
     return "\n".join(out) + "\n"
 
 

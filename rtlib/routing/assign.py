@@ -92,20 +92,22 @@ def route_scores(
 
 
 def nearest_cluster(
-    scores: Float[Array, "seq clusters"], valid: Bool[Array, " seq"]
+    scores: Float[Array, "seq clusters"], valid: Bool[Array, " seq"] | None
 ) -> Int[Array, " seq"]:
-    """Argmax assignment; invalid (padded) tokens get the out-of-range id `clusters`."""
-    return jnp.where(valid, jnp.argmax(scores, axis=-1), scores.shape[-1]).astype(jnp.int32)
+    """Argmax assignment; invalid (padded) tokens get the out-of-range id `clusters`
+    (`valid=None`: no padding)."""
+    nearest = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return nearest if valid is None else jnp.where(valid, nearest, scores.shape[-1])
 
 
 def balanced_members(
-    scores: Float[Array, "seq clusters"], valid: Bool[Array, " seq"], window: int
+    scores: Float[Array, "seq clusters"], valid: Bool[Array, " seq"] | None, window: int
 ) -> Int[Array, "clusters window"]:
     """Top-`window` tokens of every centroid, sorted by position (the paper's assignment).
 
     Padded tokens score -inf, so they are only taken when a cluster has fewer than `window`
-    valid candidates; callers mask them out of attention.
+    valid candidates; callers mask them out of attention (`valid=None`: no padding).
     """
-    masked = jnp.where(valid[:, None], scores, -jnp.inf)
+    masked = scores if valid is None else jnp.where(valid[:, None], scores, -jnp.inf)
     _, idx = jax.lax.top_k(masked.T, window)
     return jnp.sort(idx, axis=-1).astype(jnp.int32)

@@ -91,9 +91,15 @@ def routing_attention(
     if self_mask and not shared_qk:
         raise ValueError("self_mask is only meaningful with shared QK (k is q)")
     scale = logit_scale_value(logit_scale, dim)
-    q_valid, k_valid = valid_or_all(q_mask, batch, n), valid_or_all(kv_mask, batch, n)
-    # Padded rows may hold anything (even NaN): zero them so nothing can leak through 0 * x.
-    q, k, v = zero_padding(q, q_valid), zero_padding(k, k_valid), zero_padding(v, k_valid)
+    # Without padding, validity stays None all the way down: an all-True mask would put
+    # full-size constants in the program (`where` against a broadcast -inf or zeros), which
+    # `lax.scan` over layers hoists out of the loop and keeps alive for the whole forward pass
+    # (1.9 GB at 64k tokens; docs/performance.md).
+    padded = q_mask is not None or kv_mask is not None
+    q_valid = valid_or_all(q_mask, batch, n) if padded else None
+    k_valid = valid_or_all(kv_mask, batch, n) if padded else None
+    if padded:  # padded rows may hold anything (even NaN): zero them so nothing leaks via 0 * x
+        q, k, v = zero_padding(q, q_valid), zero_padding(k, k_valid), zero_padding(v, k_valid)
     if shared_qk:
         k = q
     # With shared QK and one mask, queries and keys are the same routed set: cluster once.
@@ -117,7 +123,7 @@ def routing_attention(
         if not shared_qk:
             kc, ks, ke = assignment_statistics(k_hat, s_k, mu, kv)
             counts, sums, err = counts + kc, sums + ks, err + ke
-        return out, counts, sums, err, jnp.sum(covered & qv)
+        return out, counts, sums, err, jnp.sum(covered if qv is None else covered & qv)
 
     per_head = jax.vmap(head, in_axes=(1, 1, 1, 0, None, None), out_axes=(1, 0, 0, 0, 0))
     out, counts, sums, err, covered = jax.vmap(per_head, in_axes=(0, 0, 0, None, 0, 0))(
@@ -128,9 +134,11 @@ def routing_attention(
         sums=sums.sum(0),
         sq_error=err.sum(),
         covered=covered.sum().astype(jnp.float32),
-        queries=(jnp.sum(q_valid) * heads).astype(jnp.float32),
+        queries=jnp.asarray((batch * n if q_valid is None else jnp.sum(q_valid)) * heads,
+                            jnp.float32),
     )
-    out = jnp.where(q_valid[:, :, None, None], out, 0)
+    if q_valid is not None:
+        out = jnp.where(q_valid[:, :, None, None], out, 0)
     return out.astype(v.dtype), stats
 
 
@@ -172,7 +180,7 @@ def _balanced(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, sc
     n = q_hat.shape[0]
     qi = balanced_members(s_q, q_valid, window)  # [K, W] positions
     ki = qi if same_routing else balanced_members(s_k, k_valid, window)
-    k_seg = jnp.where(k_valid[ki], 0, -1)
+    k_seg = jnp.zeros_like(ki) if k_valid is None else jnp.where(k_valid[ki], 0, -1)
     out_c = grouped_attention(
         *_operands(backend, q_hat[qi], k_hat[ki], v[ki]), qi, ki, jnp.zeros_like(qi), k_seg,
         causal=causal, self_mask=self_mask, scale=scale, aligned=aligned, implementation=backend,
@@ -195,11 +203,11 @@ def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scal
         out = splash_tpu.sorted_local_attention(
             q_hat[order].astype(v.dtype), v[order], q_cluster[order], window=window,
             causal=causal, scale=scale, interpret=backend.interpret)
-        return jnp.zeros_like(out).at[order].set(out), q_valid
+        return jnp.zeros_like(out).at[order].set(out), _all_if_none(q_valid, n)
     if same_routing:
         return _causal_aligned(q_hat, v, q_cluster, window=window, causal=causal, scale=scale,
                                self_mask=self_mask, num_clusters=num_clusters,
-                               backend=backend), q_valid
+                               backend=backend), _all_if_none(q_valid, n)
     k_cluster = nearest_cluster(s_k, k_valid)
     # Keys in (cluster, position) order; for each query, `last` is the sorted index of the last
     # key of its cluster at a position <= its own, so its window is a contiguous sorted range.
@@ -219,6 +227,10 @@ def _causal(q_hat, k_hat, v, s_q, s_k, q_valid, k_valid, *, window, causal, scal
         is_self=is_self,
     )[:, 0]
     return out, jnp.any(mask, axis=-1)
+
+
+def _all_if_none(valid: Bool[Array, " seq"] | None, n: int) -> Bool[Array, " seq"]:
+    return jnp.ones((n,), bool) if valid is None else valid
 
 
 def _causal_aligned(

@@ -45,17 +45,19 @@ def assignment_statistics(
     x_hat: Float[Array, "seq dim"],
     scores: Float[Array, "seq clusters"],
     centroids: Float[Array, "clusters dim"],
-    valid: Bool[Array, " seq"],
+    valid: Bool[Array, " seq"] | None,
 ) -> tuple[Float[Array, " clusters"], Float[Array, "clusters dim"], Float[Array, ""]]:
-    """(counts, sums, squared error) of the argmax assignment of the valid vectors of one head."""
+    """(counts, sums, squared error) of the argmax assignment of the valid vectors of one head
+    (`valid=None`: all of them)."""
     k = centroids.shape[0]
     # Segment sums and a gather, O(seq * dim): one-hot matmuls would cost O(seq * clusters *
     # dim), which grows as seq^2 at a fixed cluster size. Padded tokens get id k: dropped.
     cluster = nearest_cluster(scores, valid)
-    counts = jax.ops.segment_sum(valid.astype(jnp.float32), cluster, num_segments=k)
+    weight = jnp.ones(cluster.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
+    counts = jax.ops.segment_sum(weight, cluster, num_segments=k)
     sums = jax.ops.segment_sum(jax.lax.stop_gradient(x_hat).astype(jnp.float32), cluster,
                                num_segments=k)
     mu = jax.lax.stop_gradient(centroids).astype(jnp.float32)
     assigned = mu[jnp.minimum(cluster, k - 1)]
     err = jnp.sum(jnp.square(x_hat - assigned), axis=-1)
-    return counts, sums, jnp.sum(jnp.where(valid, err, 0.0))
+    return counts, sums, jnp.sum(err if valid is None else jnp.where(valid, err, 0.0))

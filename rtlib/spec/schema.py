@@ -215,7 +215,9 @@ class ModelSpec(Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings and on every "
                            "residual branch (training only).")
     remat: bool = Field(False, description="Recompute each block in the backward pass "
-                        "(saves activation memory).")
+                        "(saves activation memory). On CPU it takes effect only with "
+                        "scan_unroll 1: XLA:CPU merges the recomputation of straight-line "
+                        "code back into the forward pass (docs/performance.md).")
     scan_unroll: int = Field(1, ge=1, description="Layers per iteration of the `lax.scan` "
                              "that runs each group of identical layers. 1 keeps the traced "
                              "program the same size at any depth; n_layers gives straight-line "
