@@ -233,3 +233,22 @@ def test_the_feed_forward_backward_pass_equals_autodiff(activation, bias, chunk,
     assert _pieces((3, 7, 8), 4) == 1  # an odd length is not cut
     with pytest.raises(ValueError, match="unknown activation"):
         activate(x, "swish")
+
+
+@pytest.mark.parametrize("assignment", ["balanced", "causal"])
+def test_remat_gives_the_gradients_of_the_plain_backward_pass(assignment, getkey):
+    """Remat keeps the routing decisions (named residuals) and recomputes the rest: the loss,
+    gradients and statistics equal those without remat."""
+    x = tokens(getkey(), batch=2, n=64)
+    out = []
+    for remat in (False, True):
+        spec = tiny(f"model.remat={str(remat).lower()}", "model.scan_unroll=1",
+                    f"model.attention.heads.1.assignment={assignment}")
+        model, routing = build(spec, key=jax.random.key(0))
+        (loss, (_, _, stats)), grads = eqx.filter_value_and_grad(
+            lambda m: next_token_loss(m, routing, x), has_aux=True)(model)
+        out.append((loss, grads, stats))
+    (loss, grads, stats), (loss_r, grads_r, stats_r) = out
+    assert abs(float(loss) - float(loss_r)) < 1e-6
+    assert_tree_allclose(grads_r, grads, rtol=1e-5, atol=1e-6)
+    assert_tree_allclose(stats_r, stats, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from rtlib.nn.cross_attention import EncoderOutput
 from rtlib.nn.layers import AxisPositions, Embedding, LayerNorm, Linear, dropout
 from rtlib.parallel.rules import Declarations, ParamInfo, Stacked
 from rtlib.routing import KMeansState, RoutingState, RoutingStats, update_routing_state
+from rtlib.routing.assign import ROUTING_DECISIONS
 
 Stats = tuple[RoutingStats | None, ...]
 
@@ -240,8 +241,9 @@ def scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_it
                                init_iters=init_iters, memory=memory)
         return x, (stats, used)
 
-    if remat:
-        body = jax.checkpoint(body)
+    if remat:  # keep the routing decisions (a few integers per token): recompute the rest
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
+            ROUTING_DECISIONS))
     h, (stats, used) = jax.lax.scan(body, h, (params, centroids, keys, init_keys),
                                     unroll=min(unroll, n_layers))
     return h, stats, used

@@ -8,7 +8,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
+
+# The name of the memberships (top-k members, nearest centroids): a remat policy saves these
+# few integers so that recomputing a block does not redo the scores, top-k and argmax.
+ROUTING_DECISIONS = "routing_decisions"
 
 Norm = Literal["layernorm", "l2"]
 Assignment = Literal["balanced", "causal"]
@@ -97,6 +102,7 @@ def nearest_cluster(
     """Argmax assignment; invalid (padded) tokens get the out-of-range id `clusters`
     (`valid=None`: no padding)."""
     nearest = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    nearest = checkpoint_name(nearest, ROUTING_DECISIONS)
     return nearest if valid is None else jnp.where(valid, nearest, scores.shape[-1])
 
 
@@ -110,4 +116,4 @@ def balanced_members(
     """
     masked = scores if valid is None else jnp.where(valid[:, None], scores, -jnp.inf)
     _, idx = jax.lax.top_k(masked.T, window)
-    return jnp.sort(idx, axis=-1).astype(jnp.int32)
+    return checkpoint_name(jnp.sort(idx, axis=-1).astype(jnp.int32), ROUTING_DECISIONS)
