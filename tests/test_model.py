@@ -205,8 +205,8 @@ def test_sequences_shorter_than_the_windows_run(tiny_model, getkey):
                                                    ("geglu", True, 100)])
 def test_the_feed_forward_backward_pass_equals_autodiff(activation, bias, chunk, getkey):
     """The lean custom VJP (saves x, recomputes piece by piece along the sequence: 4 pieces of
-    2 x 2 tokens for chunk 5, 8 of 2 x 1 for chunk 3, one piece for chunk 100) gives plain autodiff's values and
-    gradients."""
+    2 x 2 tokens for chunk 5, 8 of 2 x 1 for chunk 3, one piece for chunk 100) gives plain
+    autodiff's values and gradients."""
     from rtlib.nn.feed_forward import _pieces, activate, mlp
 
     width = 2 * 16 if activation == "geglu" else 16

@@ -5,7 +5,8 @@ for the backward pass: three [tokens, hidden] arrays per layer (hidden = 4 d_mod
 largest residuals of a long-sequence step. The custom VJP here saves only x and, in the
 backward pass, recomputes it piece by piece along the sequence, at most `chunk` tokens at a
 time (one extra x W_in product, a sixth more feed-forward arithmetic), just before it needs
-it, so no [tokens, hidden] array outlives its piece. Values and gradients are those of plain autodiff (tested)."""
+it, so no [tokens, hidden] array outlives its piece. Values and gradients are those of plain
+autodiff (tested)."""
 
 import functools
 import math
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from rtlib.nn.layers import Linear
+from rtlib.nn.layers import Linear, _along_last
 from rtlib.spec.schema import ModelSpec
 
 
@@ -31,12 +32,10 @@ def activate(h: Float[Array, "*batch width"], activation: str) -> Float[Array, "
     raise ValueError(f"unknown activation {activation!r}; expected 'gelu', 'relu' or 'geglu'")
 
 
-def _bias(y: Array, b: Array | None) -> Array:
-    return y if b is None else y + b.astype(y.dtype).reshape((1,) * (y.ndim - 1) + b.shape)
-
-
-def _hidden(x, w_in, b_in, activation):
-    return activate(_bias(x @ w_in.astype(x.dtype), b_in), activation)
+def _affine(x: Array, w: Array, b: Array | None) -> Array:
+    """x W (+ b), as `Linear` computes it."""
+    y = x @ w.astype(x.dtype)
+    return y if b is None else y + _along_last(b, y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -45,7 +44,7 @@ def mlp(x: Float[Array, "*batch din"], w_in: Float[Array, "din width"], b_in: Ar
         chunk: int) -> Float[Array, "*batch dout"]:
     """act(x W_in + b_in) W_out + b_out; the backward pass works on at most `chunk` tokens
     at a time where the sequence length allows."""
-    return _bias(_hidden(x, w_in, b_in, activation) @ w_out.astype(x.dtype), b_out)
+    return _affine(activate(_affine(x, w_in, b_in), activation), w_out, b_out)
 
 
 def _mlp_fwd(x, w_in, b_in, w_out, b_out, activation, chunk):
@@ -67,7 +66,7 @@ def _mlp_bwd(activation, chunk, res, dy):
 
     def one(xc, dyc):  # one piece: (dx, dW_in, db_in, dW_out, db_out)
         xm, dym = xc.reshape(-1, xc.shape[-1]), dyc.reshape(-1, dyc.shape[-1])
-        h = _bias(xm @ w_in.astype(xm.dtype), b_in)
+        h = _affine(xm, w_in, b_in)
         g, act_vjp = jax.vjp(lambda h: activate(h, activation), h)
         (dh,) = act_vjp(dym @ w_out.astype(dym.dtype).T)
         f32 = lambda t: t.astype(jnp.float32)  # weight gradients in float32
