@@ -5,18 +5,21 @@ the routing (centroid) state, the optimiser state, the step and the RNG key. The
 old state in, new state and metrics out; the old state's buffers are donated.
 """
 
+import contextlib
 import functools
 import json
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int, PRNGKeyArray, UInt32
 
 from rtlib.build import build
+from rtlib.host_memory import release_freed_memory
 from rtlib.nn.model import Stats
 from rtlib.nn.seq2seq import EncoderDecoder, Model
 from rtlib.objectives import masked_lm_loss, next_token_loss, seq2seq_loss, split_pairs
@@ -57,7 +60,9 @@ def init_sharded(spec: Spec, mesh: Mesh, *, key: PRNGKeyArray) -> TrainState:
     make = jax.jit(lambda k: eqx.filter(init_train_state(spec, key=k), eqx.is_array),
                    out_shardings=shardings)
     with activate(mesh, spec.mesh.rules):
-        return eqx.combine(make(key), static)
+        state = eqx.combine(make(key), static)
+    release_freed_memory()  # what compiling `make` left behind (rtlib.host_memory)
+    return state
 
 
 def init_train_state(spec: Spec, *, key: PRNGKeyArray) -> TrainState:
@@ -112,12 +117,20 @@ def train_step_for(spec: Spec, mesh: Mesh | None = None):
                                    "train": schedule_key(spec.train),
                                    "rules": spec.mesh.rules.model_dump(mode="json")},
                                   sort_keys=True))
-    if mesh is None:
-        return step
     rules = spec.mesh.rules
+    compiled = False
 
-    def run(batch: Int[Array, "batch *seq_plus_one"], ts: TrainState):
-        with activate(mesh, rules):
+    def run(batch: Int[Array | np.ndarray, "batch *seq_plus_one"], ts: TrainState):
+        nonlocal compiled
+        with activate(mesh, rules) if mesh is not None else contextlib.nullcontext():
+            if not compiled:
+                # Compile ahead of the first call and give the compiler's freed memory back
+                # before the step allocates its own: the process's peak memory is then the
+                # larger of the two, not their sum (rtlib.host_memory). The call below finds
+                # the compiled program in jit's cache.
+                step.lower(batch, ts).compile()
+                release_freed_memory()
+                compiled = True
             return step(batch, ts)
 
     return run
