@@ -14,10 +14,15 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from rtlib.nn.layers import Linear, _along_last
 from rtlib.spec.schema import ModelSpec
+
+# The name of the saved input: a remat policy that saves it (rtlib.nn.model.scan_blocks) spares
+# recomputing what produces it (the attention sublayer, the residual add and the norm).
+FEED_FORWARD_INPUT = "feed_forward_input"
 
 
 def activate(h: Float[Array, "*batch width"], activation: str) -> Float[Array, "*batch hidden"]:
@@ -48,7 +53,8 @@ def mlp(x: Float[Array, "*batch din"], w_in: Float[Array, "din width"], b_in: Ar
 
 
 def _mlp_fwd(x, w_in, b_in, w_out, b_out, activation, chunk):
-    return mlp(x, w_in, b_in, w_out, b_out, activation, chunk), (x, w_in, b_in, w_out, b_out)
+    res = (checkpoint_name(x, FEED_FORWARD_INPUT), w_in, b_in, w_out, b_out)
+    return mlp(x, w_in, b_in, w_out, b_out, activation, chunk), res
 
 
 def _pieces(shape: tuple[int, ...], chunk: int) -> int:

@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from rtlib.nn.attention import LayerCache
 from rtlib.nn.block import Block
 from rtlib.nn.cross_attention import EncoderOutput
+from rtlib.nn.feed_forward import FEED_FORWARD_INPUT
 from rtlib.nn.layers import AxisPositions, Embedding, LayerNorm, Linear, dropout
 from rtlib.parallel.rules import Declarations, ParamInfo, Stacked
 from rtlib.routing import KMeansState, RoutingState, RoutingStats, update_routing_state
@@ -241,9 +242,11 @@ def scan_blocks(blocks, h, centroids, *, mask, key, inference, init_key, init_it
                                init_iters=init_iters, memory=memory)
         return x, (stats, used)
 
-    if remat:  # keep the routing decisions (a few integers per token): recompute the rest
+    # remat keeps the routing decisions (a few integers per token) and the feed-forward input
+    # (which its backward pass needs anyway) and recomputes the rest
+    if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
-            ROUTING_DECISIONS))
+            ROUTING_DECISIONS, FEED_FORWARD_INPUT))
     h, (stats, used) = jax.lax.scan(body, h, (params, centroids, keys, init_keys),
                                     unroll=min(unroll, n_layers))
     return h, stats, used
