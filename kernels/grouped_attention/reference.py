@@ -63,7 +63,12 @@ def masked_attention(
 
 
 def _logits(q, k, is_self, scale):
-    logits = jnp.einsum("...qd,...kd->...qk", q.astype(jnp.float32), k.astype(jnp.float32))
+    # Keys transposed to [dim, kv] first: XLA:CPU runs routing attention's small batched
+    # q k^T products far faster from that layout than contracting both operands' last axes
+    # (causal assignment, 16k tokens: 138 -> 45 ms), which more than pays for the copy
+    # (forward + backward: about -11% balanced, -9% causal at 4k and 16k; performance.md).
+    kt = jnp.swapaxes(k.astype(jnp.float32), -1, -2)
+    logits = jnp.einsum("...qd,...dk->...qk", q.astype(jnp.float32), kt)
     logits = logits * scale
     return logits if is_self is None else jnp.where(is_self, SELF_LOGIT, logits)
 
