@@ -112,7 +112,8 @@ def train_step_for(spec: Spec, mesh: Mesh | None = None):
     (`rtlib.objectives.split_pairs`). With a `mesh`, the
     batch is split over the data axes and the state keeps the shardings of `mesh.rules`
     (`init_sharded`). Cached by the settings that shape it, so a resumed, extended or repeated
-    run in the same process reuses the compiled program."""
+    run in the same process reuses the compiled program. The first call compiles before it
+    runs and returns the compiler's freed memory to the OS in between (`rtlib.host_memory`)."""
     step = _train_step(json.dumps({"model": spec.model.model_dump(mode="json"),
                                    "train": schedule_key(spec.train),
                                    "rules": spec.mesh.rules.model_dump(mode="json")},
