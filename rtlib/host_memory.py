@@ -4,7 +4,7 @@ XLA's compiler allocates and frees hundreds of MB of small objects while it comp
 program. glibc's allocator keeps freed small allocations in its heap, and the buffers a
 compiled step then runs on are large enough to get fresh pages of their own: the process's
 peak resident memory is then the compiler's leftovers plus the step (bench-4k at 16k tokens:
-1,718 MB against 1,442 MB with the leftovers returned; docs/performance.md). Returning the
+1,718 MB against 1,439 MB with the leftovers returned; docs/performance.md). Returning the
 free heap pages after compiling costs a few milliseconds.
 """
 

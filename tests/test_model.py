@@ -237,8 +237,8 @@ def test_the_feed_forward_backward_pass_equals_autodiff(activation, bias, chunk,
 
 @pytest.mark.parametrize("assignment", ["balanced", "causal"])
 def test_remat_gives_the_gradients_of_the_plain_backward_pass(assignment, getkey):
-    """Remat keeps the routing decisions (named residuals) and recomputes the rest: the loss,
-    gradients and statistics equal those without remat."""
+    """Remat keeps the routing decisions and the feed-forward input (named residuals) and
+    recomputes the rest: the loss, gradients and statistics equal those without remat."""
     x = tokens(getkey(), batch=2, n=64)
     out = []
     for remat in (False, True):

@@ -21,7 +21,7 @@ from rtlib.nn.layers import Linear, _along_last
 from rtlib.spec.schema import ModelSpec
 
 # The name of the saved input: a remat policy that saves it (rtlib.nn.model.scan_blocks) spares
-# recomputing what produces it (the attention sublayer, the residual add and the norm).
+# recomputing the residual add and the norm that produce it.
 FEED_FORWARD_INPUT = "feed_forward_input"
 
 
